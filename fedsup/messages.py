@@ -1,0 +1,59 @@
+"""Messages over a task's pipe: commands down to the child, status up to the supervisor.
+
+They stay small: a task object once, device names, records. Model state never travels here in bulk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fedsup.records import ErrorInfo, Phase, PhaseRecord
+
+#: A fault the supervisor asks the child to stage, for testing recovery.
+Fault = Literal["exception", "exit", "sigkill", "cuda_oom", "hang"]
+
+
+@dataclass(frozen=True)
+class Load:
+    task: Any
+    fault: Fault | None = None
+
+
+@dataclass(frozen=True)
+class Train:
+    device: str                  # the inventory's name, for records
+    local_device: str            # what the child passes to train(): "cpu" or "cuda:0"
+    cuda_visible: str | None     # CUDA_VISIBLE_DEVICES for the child, set before its first CUDA call
+    fault: Fault | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Exit:
+    pass
+
+
+Command = Load | Train | Exit
+
+
+@dataclass(frozen=True)
+class PhaseDone:
+    phase: Phase
+    record: PhaseRecord
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class PhaseFailed:
+    phase: Phase
+    record: PhaseRecord
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class Bye:
+    """The child is about to exit on purpose; any other death is a crash."""
+
+
+Status = PhaseDone | PhaseFailed | Bye

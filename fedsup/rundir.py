@@ -1,0 +1,96 @@
+"""The run directory: the source of truth for a run, written so that a kill at any moment loses nothing.
+
+```
+RUN_DIR/
+  events.jsonl            append-only, one JSON object per state change, flushed at each
+  tasks/<task>/record.json   the task's TaskRecord, written atomically when it reaches an outcome
+  tasks/<task>/stdout.log    the task's output, every attempt (the task's working directory is tasks/<task>/)
+  tasks/<task>/stderr.log
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from fedsup.records import TaskRecord
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(task_id: str) -> str:
+    """A directory name for a task id: the id itself where it is safe, else a cleaned id plus a short hash."""
+    cleaned = _UNSAFE.sub("_", task_id)[:80]
+    if cleaned == task_id and cleaned not in (".", ".."):
+        return cleaned
+    return f"{cleaned}-{hashlib.sha1(task_id.encode()).hexdigest()[:8]}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside ``path``, fsync it, rename over ``path``: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def tail_lines(path: Path, offset: int = 0, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last ``lines`` lines written to ``path`` after byte ``offset``."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, size - max_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "tasks").mkdir(exist_ok=True)
+        self._events: IO[str] = open(self.path / "events.jsonl", "a", encoding="utf-8")
+
+    def task_dir(self, task_id: str) -> Path:
+        return self.path / "tasks" / safe_name(task_id)
+
+    def event(self, **fields: Any) -> None:
+        fields = {"time": round(time.time(), 6), **fields}
+        self._events.write(json.dumps(fields, default=str) + "\n")
+        self._events.flush()
+
+    def write_record(self, record: TaskRecord) -> None:
+        path = self.task_dir(record.task_id) / "record.json"
+        write_atomic(path, (record.model_dump_json(indent=2) + "\n").encode())
+
+    def read_record(self, task_id: str) -> TaskRecord | None:
+        path = self.task_dir(task_id) / "record.json"
+        if not path.exists():
+            return None
+        return TaskRecord.model_validate_json(path.read_bytes())
+
+    def close(self) -> None:
+        if not self._events.closed:
+            self._events.flush()
+            os.fsync(self._events.fileno())
+            self._events.close()

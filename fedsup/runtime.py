@@ -1,0 +1,140 @@
+"""The scheduler's window on real processes: start, command, kill, and one wait over everything.
+
+``ProcessRuntime.wait`` is the only place the supervisor blocks: one ``multiprocessing.connection.wait``
+over every task pipe, every process sentinel (or the fork server's socket, which reports exits), and a
+wake-up pipe that signal handlers write to. No sleep-polling. Tests swap this class for a fake.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Iterable, Protocol
+
+from fedsup.launch import Child, ExitInfo, ForkServerLauncher, SpawnLauncher
+from fedsup.messages import Command
+from fedsup.worker import ChildSpec
+
+
+@dataclass(frozen=True)
+class Message:
+    child: Any
+    message: Any
+
+
+@dataclass(frozen=True)
+class Exited:
+    child: Any
+    exit: ExitInfo
+
+
+@dataclass(frozen=True)
+class Signalled:
+    signum: int
+
+
+Event = Message | Exited | Signalled
+
+
+class Runtime(Protocol):
+    def now(self) -> float: ...
+
+    def spawn(self, spec: ChildSpec) -> Child: ...
+
+    def send(self, child: Child, command: Command) -> bool: ...
+
+    def kill(self, child: Child, sig: int) -> None: ...
+
+    def wait(self, children: Iterable[Child], timeout: float | None) -> list[Event]: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessRuntime:
+    def __init__(self, launcher: ForkServerLauncher | SpawnLauncher) -> None:
+        self.launcher = launcher
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self._closed: set[int] = set()   # ids of children whose pipe reached EOF
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wake(self, signum: int) -> None:
+        """Safe to call from a signal handler: one byte into the wake-up pipe."""
+        try:
+            os.write(self.wake_w, bytes([signum & 0xFF]))
+        except OSError:
+            pass
+
+    def spawn(self, spec: ChildSpec) -> Child:
+        return self.launcher.spawn(spec)
+
+    def send(self, child: Child, command: Command) -> bool:
+        try:
+            child.conn.send(command)
+            return True
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            return False  # the child is gone; its exit is on its way
+
+    def kill(self, child: Child, sig: int) -> None:
+        child.kill(sig)
+
+    def wait(self, children: Iterable[Child], timeout: float | None) -> list[Event]:
+        owners: dict[Any, Child] = {}
+        for child in children:
+            if id(child) not in self._closed:
+                owners[child.conn] = child
+            sentinel = child.sentinel()
+            if sentinel is not None and child.exit is None:
+                owners[sentinel] = child
+        server = self.launcher.waitables()
+        ready = wait([*owners, *server, self.wake_r], timeout)
+        events: list[Event] = []
+        for obj in ready:
+            if obj == self.wake_r:
+                events.extend(Signalled(b) for b in os.read(self.wake_r, 64))
+            elif obj in server:
+                for child, info in self.launcher.on_ready(obj):
+                    events.extend(self._finish(child, info))
+            elif obj is owners[obj].conn:
+                events.extend(self._drain(owners[obj]))
+            else:
+                child = owners[obj]
+                info = child.poll_exit()
+                if info is not None:
+                    events.extend(self._finish(child, info))
+        return events
+
+    def _drain(self, child: Child) -> list[Event]:
+        """Every complete message waiting on the child's pipe; EOF marks the pipe closed."""
+        events: list[Event] = []
+        if id(child) in self._closed or child.conn.closed:
+            return events
+        try:
+            while child.conn.poll():
+                events.append(Message(child, child.conn.recv()))
+        except (EOFError, OSError):
+            self._closed.add(id(child))
+        except Exception as exc:  # noqa: BLE001 - a torn or undecodable message from a dying child
+            events.append(Message(child, exc))
+            self._closed.add(id(child))
+        return events
+
+    def _finish(self, child: Child, info: ExitInfo) -> list[Event]:
+        events = self._drain(child)
+        self._closed.discard(id(child))
+        child.conn.close()
+        events.append(Exited(child, info))
+        return events
+
+    def close(self) -> None:
+        self.launcher.close()
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

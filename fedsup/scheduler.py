@@ -1,0 +1,433 @@
+"""The scheduler: a pending queue, placement on the device ledger, driving each task's process, retries.
+
+Policy lives here; mechanism (processes, pipes, the one wait) lives in the runtime, which tests replace
+with a fake to drive this class without a single process.
+
+One pass of the loop: start processes for queued tasks while fewer than ``max_loaded`` are alive (they
+LOAD at once, overlapping the training of others); send TRAIN to loaded tasks that fit on a device while
+training slots remain; then wait for the next event: a status message, an exit, a signal, or a deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import signal
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from fedsup.devices import Device, Inventory
+from fedsup.faults import FaultPlan
+from fedsup.handle import TaskHandle
+from fedsup.launch import Child, ExitInfo, signal_name
+from fedsup.messages import Bye, Exit, Load, PhaseDone, PhaseFailed, Train
+from fedsup.records import ErrorInfo, ErrorKind, TaskRecord
+from fedsup.rundir import RunDir, tail_lines
+from fedsup.runtime import Exited, Message, Runtime, Signalled
+from fedsup.states import OUTCOMES, TaskStatus
+from fedsup.task import Task
+from fedsup.units import format_bytes
+from fedsup.worker import ChildSpec
+
+log = logging.getLogger(__name__)
+S = TaskStatus
+_KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL once the grace period is over
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_loaded: int
+    max_training: int | None = None
+    max_retries: int = 3          # failures: exceptions, crashes, timeouts, sys.exit
+    max_interrupts: int = 5       # out of memory, GPU or host: a resource problem, not the task's bug
+    backoff: float = 0.5          # seconds before retrying after host-memory pressure; doubles each time
+    backoff_max: float = 30.0
+    oom_growth: float = 1.5       # a CUDA OOM raises the task's estimate by this factor (capped)
+    load_timeout: float | None = None
+    train_timeout: float | None = None
+    grace_period: float = 5.0     # after a stop signal: time for EXIT before SIGTERM, then SIGKILL
+    faults: FaultPlan | None = None
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, inventory: Inventory, runtime: Runtime, run_dir: RunDir | None = None,
+                 host_memory: int | None = None) -> None:
+        self.policy = policy
+        self.inventory = inventory
+        self.runtime = runtime
+        self.run_dir = run_dir
+        self.host_memory = host_memory
+        self.handles: list[TaskHandle] = []
+        self.ready: deque[TaskHandle] = deque()                 # queued, may start now
+        self.delayed: list[tuple[float, int, TaskHandle]] = []  # queued behind a back-off
+        self.waiting: list[TaskHandle] = []                     # loaded, waiting for a device
+        self.procs: dict[Child, TaskHandle | None] = {}         # every live process; None once detached
+        self.host_reserved = 0
+        self.training = 0
+        self.stop_signal: int | None = None
+        self.stop_stage = 0           # 0 running, 1 EXIT sent, 2 SIGTERM sent, 3 SIGKILL sent
+        self.stop_deadline: float | None = None
+        self._seq = itertools.count()
+        self.main_pid = os.getpid()
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, tasks: Iterable[Task]) -> None:
+        seen = {h.task_id for h in self.handles}
+        for task in tasks:
+            if not isinstance(task, Task):
+                raise TypeError(f"tasks: expected fedsup.Task instances, got {type(task).__name__}")
+            if task.task_id in seen:
+                raise ValueError(f"task_id: {task.task_id!r} appears more than once; task ids must be unique")
+            seen.add(task.task_id)
+            self.inventory.candidates(task.device)  # an unknown pin is an error now, not mid-run
+            handle = TaskHandle(task, len(self.handles), self._on_transition)
+            self.handles.append(handle)
+            reason = self._never_fits(handle)
+            if reason is not None:
+                handle.error = ErrorInfo(kind="placement", type="PlacementError", message=reason,
+                                         estimate_cuda_memory=handle.estimate_cuda)
+                handle.transition(S.FAILED, reason=reason)
+                self._write_record(handle)
+            else:
+                self.ready.append(handle)
+
+    def _never_fits(self, handle: TaskHandle) -> str | None:
+        task = handle.task
+        if self.host_memory is not None and task.estimate_memory > self.host_memory:
+            return (f"estimate_memory {format_bytes(task.estimate_memory)} is more than this machine can give a "
+                    f"task ({format_bytes(self.host_memory)})")
+        gpus = [d for d in self.inventory.candidates(task.device) if d.is_gpu]
+        if not gpus:
+            return None
+        largest = max(self.inventory.capacity(d) for d in gpus)
+        if handle.estimate_cuda > largest:
+            best = max(gpus, key=self.inventory.capacity)
+            return (f"estimate_cuda_memory {format_bytes(handle.estimate_cuda)} does not fit on any device: the "
+                    f"largest, {best.name} ({format_bytes(best.total)}), can give a task at most "
+                    f"{format_bytes(largest)} after the margin and a CUDA context")
+        return None
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
+        self.submit(tasks)
+        while not self.done():
+            self.admit()
+            self.dispatch()
+            events = self.runtime.wait(list(self.procs), self.next_timeout())
+            for event in events:
+                self.handle_event(event)
+            self.check_deadlines()
+        return self.records()
+
+    def done(self) -> bool:
+        return not self.procs and all(h.status in OUTCOMES for h in self.handles)
+
+    def records(self) -> list[TaskRecord]:
+        return [h.to_record() for h in self.handles]
+
+    def next_timeout(self) -> float | None:
+        now = self.runtime.now()
+        times = [h.deadline for h in self.procs.values() if h is not None and h.deadline is not None]
+        if self.delayed and self.stop_signal is None:
+            times.append(self.delayed[0][0])
+        if self.stop_deadline is not None:
+            times.append(self.stop_deadline)
+        return max(0.0, min(times) - now) if times else None
+
+    # ------------------------------------------------------------ starting and placing
+
+    def admit(self) -> None:
+        if self.stop_signal is not None:
+            return
+        now = self.runtime.now()
+        while self.delayed and self.delayed[0][0] <= now:
+            self.ready.append(heapq.heappop(self.delayed)[2])
+        while self.ready and len(self.procs) < self.policy.max_loaded:
+            handle = self.ready[0]
+            need = handle.task.estimate_memory
+            if self.host_memory is not None and self.procs and self.host_reserved + need > self.host_memory:
+                return  # wait for memory to come back; first in, first out
+            self.ready.popleft()
+            self.start(handle)
+
+    def start(self, handle: TaskHandle) -> None:
+        task = handle.task
+        workdir = stdout = stderr = None
+        if self.run_dir is not None:
+            directory = self.run_dir.task_dir(task.task_id)
+            directory.mkdir(parents=True, exist_ok=True)
+            workdir, stdout, stderr = str(directory), str(directory / "stdout.log"), str(directory / "stderr.log")
+            handle.stderr_offset = (directory / "stderr.log").stat().st_size if os.path.exists(stderr) else 0
+        spec = ChildSpec(task.task_id, task.cpus, workdir, stdout, stderr, parent_pid=self.main_pid)
+        child = self.runtime.spawn(spec)
+        handle.child = child
+        handle.kill_reason = None
+        handle.resident = None
+        self.procs[child] = handle
+        self.host_reserved += task.estimate_memory
+        handle.begin_attempt()
+        handle.transition(S.AVAILABLE)
+        fault = self._fault(handle, "load")
+        self._set_deadline(handle, "load", self.policy.load_timeout)
+        self.runtime.send(child, Load(task, fault))
+        handle.transition(S.LOADING, fault=fault)
+
+    def dispatch(self) -> None:
+        if self.stop_signal is not None:
+            return
+        for handle in list(self.waiting):
+            if self.policy.max_training is not None and self.training >= self.policy.max_training:
+                return
+            device = self.inventory.place(handle.task_id, handle.estimate_cuda, handle.task.cpus,
+                                          self.inventory.candidates(handle.task.device), handle.resident)
+            if device is None:
+                continue
+            self.waiting.remove(handle)
+            self.train(handle, device)
+
+    def train(self, handle: TaskHandle, device: Device, context: dict[str, Any] | None = None) -> None:
+        assert handle.child is not None
+        handle.device = device
+        self.training += 1
+        if device.is_gpu and handle.child.pid is not None:
+            device.pids[handle.task_id] = handle.child.pid
+        fault = self._fault(handle, "train")
+        self._set_deadline(handle, "train", self.policy.train_timeout)
+        visible = str(device.index) if device.is_gpu else None
+        local = "cuda:0" if device.is_gpu else "cpu"
+        self.runtime.send(handle.child, Train(device.name, local, visible, fault, context or {}))
+        handle.transition(S.TRAINING, device=device.name, fault=fault)
+
+    def _fault(self, handle: TaskHandle, phase: str) -> Any:
+        if self.policy.faults is None:
+            return None
+        fault = self.policy.faults.pick(handle.task_id, len(handle.history), phase,  # type: ignore[arg-type]
+                                        handle.faults_injected)
+        if fault is not None:
+            handle.faults_injected += 1
+        return fault
+
+    def _set_deadline(self, handle: TaskHandle, phase: str, timeout: float | None) -> None:
+        handle.phase = phase  # type: ignore[assignment]
+        handle.deadline = None if timeout is None else self.runtime.now() + timeout
+
+    def _release(self, handle: TaskHandle) -> None:
+        if handle.device is not None:
+            if handle.device.is_gpu:
+                handle.resident = handle.device.name
+            self.inventory.release(handle.task_id, handle.device, handle.task.cpus)
+            handle.device = None
+            self.training -= 1
+        handle.deadline = None
+        handle.phase = None
+
+    def _detach(self, handle: TaskHandle) -> None:
+        """Tell the process to exit and stop tying it to the task; its exit is still awaited and reaped."""
+        child = handle.child
+        if child is not None:
+            self.runtime.send(child, Exit())
+            self.procs[child] = None
+            handle.child = None
+        if handle in self.waiting:
+            self.waiting.remove(handle)
+
+    # ------------------------------------------------------------ events
+
+    def handle_event(self, event: Any) -> None:
+        if isinstance(event, Signalled):
+            self.request_stop(event.signum)
+        elif isinstance(event, Message):
+            handle = self.procs.get(event.child)
+            if handle is not None and handle.child is event.child:
+                self.on_message(handle, event.message)
+        elif isinstance(event, Exited):
+            self.on_exit(event.child, event.exit)
+
+    def on_message(self, handle: TaskHandle, message: Any) -> None:
+        if isinstance(message, PhaseDone):
+            handle.note_phase(message.record)
+            if message.phase == "load":
+                handle.deadline = handle.phase = None
+                handle.transition(S.WAITING)
+                if self.stop_signal is None:
+                    self.waiting.append(handle)
+            else:
+                self._release(handle)
+                handle.result = message.result
+                handle.error = None
+                handle.end_attempt(S.FINISHED)
+                handle.transition(S.FINISHED, device=message.record.device)
+                self._detach(handle)
+                self._write_record(handle)
+        elif isinstance(message, PhaseFailed):
+            handle.note_phase(message.record)
+            self._release(handle)
+            error = message.error
+            error.stderr_tail = self._stderr_tail(handle) or None
+            error.estimate_cuda_memory = handle.estimate_cuda
+            status = S.INTERRUPT if error.kind in ("cuda_oom", "host_oom") else S.EXCEPTION
+            self._fail_attempt(handle, status, error)
+        elif isinstance(message, Bye):
+            pass
+        elif isinstance(message, Exception):
+            log.warning("task %s sent an unreadable message: %s", handle.task_id, message)
+
+    def on_exit(self, child: Child, info: ExitInfo) -> None:
+        handle = self.procs.pop(child, None)
+        if handle is None:
+            return
+        self.host_reserved -= handle.task.estimate_memory
+        if handle.child is not child:
+            return  # a detached process that exited as told
+        self._release(handle)
+        handle.child = None
+        if self.stop_signal is not None and handle.kill_reason != "timeout":
+            self._cancel(handle, f"the run was stopped by {signal_name(self.stop_signal)}")
+            return
+        status, error = self._diagnose(handle, info)
+        self._fail_attempt(handle, status, error)
+
+    def _diagnose(self, handle: TaskHandle, info: ExitInfo) -> tuple[TaskStatus, ErrorInfo]:
+        """Name what killed the process and the likely cause, with the facts to check it."""
+        phase = {S.TRAINING: "train", S.LOADING: "load"}.get(handle.status)
+        where = f" during {phase}()" if phase else f" while {handle.status.value.lower()}"
+        kind: ErrorKind = "crash"
+        status = S.CRASHED
+        if handle.kill_reason == "timeout":
+            limit = self.policy.train_timeout if phase == "train" else self.policy.load_timeout
+            kind, status = "timeout", S.TIMEOUT
+            message = f"{phase}() ran past its {limit:g} s timeout and was killed (SIGKILL)"
+        elif info.signal == signal.SIGKILL:
+            kind = "host_oom"
+            message = (f"the process was killed by SIGKILL{where}, which fedsup did not send: most likely the "
+                       f"kernel's out-of-memory killer (see `dmesg`), or another process")
+        elif info.signal == signal.SIGSEGV:
+            message = f"the process crashed with a segmentation fault (SIGSEGV){where}: a bug in native code"
+        elif info.signal is not None:
+            message = f"the process was {info.describe()}{where}"
+        elif info.code == 0:
+            message = f"the process exited with code 0{where} without being told to (a library called exit?)"
+        else:
+            message = (f"the process exited with code {info.code}{where} without being told to "
+                       f"(os._exit, or a library that calls exit())")
+        device = handle.attempt.device if handle.attempt else None
+        error = ErrorInfo(kind=kind, type="ProcessCrashed" if kind != "timeout" else "Timeout", message=message,
+                          phase=phase, exit_code=info.code,  # type: ignore[arg-type]
+                          signal=signal_name(info.signal) if info.signal else None, device=device,
+                          estimate_cuda_memory=handle.estimate_cuda, stderr_tail=self._stderr_tail(handle) or None)
+        return status, error
+
+    def _stderr_tail(self, handle: TaskHandle) -> list[str]:
+        if self.run_dir is None:
+            return []
+        return tail_lines(self.run_dir.task_dir(handle.task_id) / "stderr.log", handle.stderr_offset)
+
+    # ------------------------------------------------------------ retries
+
+    def _fail_attempt(self, handle: TaskHandle, status: TaskStatus, error: ErrorInfo) -> None:
+        handle.error = error
+        handle.end_attempt(status, error)
+        handle.transition(status, kind=error.kind, error=error.summary())
+        self._detach(handle)
+        verdict = self._retry_verdict(handle, error)
+        if self.stop_signal is not None:
+            self._cancel(handle, "the run was stopped")
+        elif verdict is not None:
+            handle.transition(S.FAILED, reason=verdict)
+            self._write_record(handle)
+        else:
+            handle.transition(S.INIT, retry=len(handle.history) + 1, estimate_cuda_memory=handle.estimate_cuda)
+            if handle.not_before > self.runtime.now():
+                heapq.heappush(self.delayed, (handle.not_before, next(self._seq), handle))
+            else:
+                self.ready.append(handle)
+
+    def _retry_verdict(self, handle: TaskHandle, error: ErrorInfo) -> str | None:
+        """Spend the right budget; return why the task fails for good, or None to retry."""
+        policy = self.policy
+        if error.kind == "cuda_oom":
+            cap = max((self.inventory.capacity(d) for d in self.inventory.candidates(handle.task.device)
+                       if d.is_gpu), default=0)
+            if cap and handle.estimate_cuda >= cap:
+                return f"out of GPU memory with its estimate already at the largest device's capacity ({format_bytes(cap)})"
+            handle.interrupts += 1
+            if handle.interrupts > policy.max_interrupts:
+                return f"out of memory {handle.interrupts} times (max_interrupts={policy.max_interrupts})"
+            grown = max(int(handle.estimate_cuda * policy.oom_growth), handle.estimate_cuda + 256 * 1024**2)
+            handle.estimate_cuda = min(grown, cap) if cap else grown
+            return None
+        if error.kind == "host_oom":
+            handle.interrupts += 1
+            if handle.interrupts > policy.max_interrupts:
+                return f"out of host memory {handle.interrupts} times (max_interrupts={policy.max_interrupts})"
+            delay = min(policy.backoff * 2 ** (handle.interrupts - 1), policy.backoff_max)
+            handle.not_before = self.runtime.now() + delay
+            return None
+        handle.failures += 1
+        if handle.failures > policy.max_retries:
+            return f"failed {handle.failures} times (max_retries={policy.max_retries})"
+        return None
+
+    def _cancel(self, handle: TaskHandle, reason: str) -> None:
+        if handle.status in OUTCOMES:
+            return
+        handle.end_attempt(S.CANCELLED, handle.error)
+        handle.transition(S.CANCELLED, reason=reason)
+        self._write_record(handle)
+
+    def _write_record(self, handle: TaskHandle) -> None:
+        if self.run_dir is not None:
+            self.run_dir.write_record(handle.to_record())
+
+    def _on_transition(self, handle: TaskHandle, old: TaskStatus, new: TaskStatus, info: dict[str, Any]) -> None:
+        if self.run_dir is not None:
+            child = handle.child
+            self.run_dir.event(task=handle.task_id, attempt=len(handle.history), status=new.value, previous=old.value,
+                               pid=child.pid if child is not None else None,
+                               **{k: v for k, v in info.items() if v is not None})
+
+    # ------------------------------------------------------------ deadlines and shutdown
+
+    def check_deadlines(self) -> None:
+        now = self.runtime.now()
+        for child, handle in list(self.procs.items()):
+            if handle is not None and handle.deadline is not None and handle.deadline <= now:
+                handle.deadline = None
+                handle.kill_reason = "timeout"
+                self.runtime.kill(child, signal.SIGKILL)
+        if self.stop_deadline is not None and self.stop_deadline <= now:
+            self._escalate()
+
+    def request_stop(self, signum: int) -> None:
+        """Stop admitting; EXIT everything; after the grace period SIGTERM, then SIGKILL. Again: kill now."""
+        if self.stop_signal is not None:
+            log.warning("second %s: killing every task process now", signal_name(signum))
+            self.stop_stage = 2
+            self._escalate()
+            return
+        log.warning("%s received: stopping (EXIT now, SIGTERM in %g s)", signal_name(signum), self.policy.grace_period)
+        self.stop_signal = signum
+        while self.ready:
+            self._cancel(self.ready.popleft(), f"the run was stopped by {signal_name(signum)}")
+        for _, _, handle in self.delayed:
+            self._cancel(handle, f"the run was stopped by {signal_name(signum)}")
+        self.delayed.clear()
+        self.waiting.clear()
+        for child in self.procs:
+            self.runtime.send(child, Exit())
+        self.stop_stage = 1
+        self.stop_deadline = self.runtime.now() + self.policy.grace_period
+
+    def _escalate(self) -> None:
+        sig = signal.SIGTERM if self.stop_stage == 1 else signal.SIGKILL
+        for child, handle in self.procs.items():
+            if handle is not None:
+                handle.kill_reason = handle.kill_reason or "shutdown"
+            self.runtime.kill(child, sig)
+        self.stop_stage += 1
+        self.stop_deadline = self.runtime.now() + _KILL_WAIT if self.stop_stage < 3 else None

@@ -1,0 +1,147 @@
+"""``Supervisor``: the public face of the engine. Builds the inventory, the launcher and the run directory,
+installs the signal handlers, and hands the loop to the scheduler."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any, Iterable
+
+import psutil
+
+from fedsup.devices import DEFAULT_CONTEXT_MEMORY, DEFAULT_MARGIN, Inventory, cpu_cores
+from fedsup.errors import RunInterrupted
+from fedsup.faults import FaultPlan
+from fedsup.launch import make_launcher
+from fedsup.records import TaskRecord
+from fedsup.rundir import RunDir
+from fedsup.runtime import ProcessRuntime
+from fedsup.scheduler import Policy, Scheduler
+from fedsup.task import Task
+from fedsup.units import parse_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _positive(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name}: expected a number > 0{' or None' if allow_none else ''}, got {value!r}")
+
+
+class Supervisor:
+    """Runs tasks, one process each, on this machine's GPUs and CPUs.
+
+    ``devices``: ``"auto"`` (NVIDIA GPUs through NVML if any, else the CPU), ``"cpu"``, a list of GPU
+    indices, or described devices such as ``[{"name": "cuda:0", "memory": "16GiB"}]`` for tests and dry runs.
+    ``max_loaded`` bounds the live task processes (loading, loaded or training); ``max_training`` the ones
+    training at once (on the CPU, the tasks' ``cpus`` never add up to more cores than the machine has).
+    """
+
+    def __init__(
+        self,
+        devices: Any = "auto",
+        *,
+        max_retries: int = 3,
+        max_interrupts: int = 5,
+        run_dir: str | os.PathLike[str] | None = None,
+        max_loaded: int | None = None,
+        max_training: int | None = None,
+        load_timeout: float | None = None,
+        train_timeout: float | None = None,
+        start_method: str = "forkserver",
+        faults: FaultPlan | None = None,
+        grace_period: float = 5.0,
+        retry_backoff: float = 0.5,
+        memory_margin: int | str = DEFAULT_MARGIN,
+        cuda_context_memory: int | str = DEFAULT_CONTEXT_MEMORY,
+        cpus: int | None = None,
+    ) -> None:
+        for name, value in (("max_retries", max_retries), ("max_interrupts", max_interrupts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
+        for name, value in (("max_loaded", max_loaded), ("max_training", max_training), ("cpus", cpus)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a whole number >= 1 or None, got {value!r}")
+        _positive("load_timeout", load_timeout)
+        _positive("train_timeout", train_timeout)
+        _positive("grace_period", grace_period, allow_none=False)
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(f"start_method: expected 'forkserver' or 'spawn', got {start_method!r}")
+        if isinstance(retry_backoff, bool) or not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
+            raise ValueError(f"retry_backoff: expected a number of seconds >= 0, got {retry_backoff!r}")
+        self.inventory = Inventory.from_spec(
+            devices, cores=cpus or cpu_cores(),
+            margin=parse_bytes(memory_margin, "memory_margin"),
+            context_memory=parse_bytes(cuda_context_memory, "cuda_context_memory"),
+        )
+        self.policy = Policy(
+            max_loaded=max_loaded or 2 * self.inventory.cpu.cores,
+            max_training=max_training,
+            max_retries=max_retries,
+            max_interrupts=max_interrupts,
+            backoff=float(retry_backoff),
+            load_timeout=load_timeout,
+            train_timeout=train_timeout,
+            grace_period=grace_period,
+            faults=faults,
+        )
+        self.run_dir = run_dir
+        self.start_method = start_method
+        self.scheduler: Scheduler | None = None
+
+    def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
+        """Run every task to an outcome and return one record per task, in input order.
+
+        A task that fails keeps failing alone: its record says FAILED with the root cause, and the others go
+        on. On SIGINT or SIGTERM the run stops in order and ``RunInterrupted`` (a KeyboardInterrupt) is
+        raised with the records as they were left.
+        """
+        tasks = list(tasks)
+        run_dir = RunDir(self.run_dir) if self.run_dir is not None else None
+        launcher = make_launcher(self.start_method, max((t.cpus for t in tasks), default=1))
+        runtime = ProcessRuntime(launcher)
+        host = psutil.virtual_memory().available
+        scheduler = Scheduler(self.policy, self.inventory, runtime, run_dir, host_memory=host)
+        self.scheduler = scheduler
+        restore = self._install_signals(runtime)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            modules = sorted({type(t).__module__ for t in tasks} - {"__main__"})
+            launcher.start(modules)
+            records = scheduler.run(tasks)
+        except BaseException:
+            self._kill_everything(scheduler)
+            raise
+        finally:
+            runtime.close()
+            restore()
+            if run_dir is not None:
+                run_dir.close()
+        if scheduler.stop_signal is not None:
+            raise RunInterrupted(scheduler.stop_signal, records)
+        return records
+
+    @staticmethod
+    def _kill_everything(scheduler: Scheduler) -> None:
+        """Last resort after an error in the loop itself: no task process may outlive the supervisor."""
+        for child in list(scheduler.procs):
+            child.kill(signal.SIGKILL)
+
+    @staticmethod
+    def _install_signals(runtime: ProcessRuntime) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        def handler(signum: int, frame: FrameType | None) -> None:
+            runtime.wake(signum)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        return restore

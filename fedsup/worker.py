@@ -1,0 +1,281 @@
+"""The child side: set the process up, then obey LOAD / TRAIN / EXIT and report each phase, measured.
+
+Everything here runs in the task's own process. A phase's record is measured here, not in the parent:
+peak host memory is VmHWM after resetting it through /proc/self/clear_refs (``ru_maxrss`` would start at
+the parent's size in a forked child), CPU time is a getrusage delta, GPU peak is torch's own counter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Callable
+
+from fedsup.messages import Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, Train
+from fedsup.records import ErrorInfo, ErrorKind, Phase, PhaseRecord
+
+_PR_SET_PDEATHSIG = 1
+_CUDA_OOM_MARKERS = (
+    "CUDA out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "cudaErrorMemoryAllocation",
+    "CUDA error: out of memory",
+    "HIP out of memory",
+)
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """How to set a task's process up before it reads its first command."""
+
+    task_id: str
+    cpus: int = 1
+    workdir: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    parent_pid: int | None = None
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Ask the kernel for SIGKILL when our parent dies, and cover the race where it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _redirect(path: str, fd: int) -> None:
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, fd)
+    os.close(target)
+
+
+def setup_child(spec: ChildSpec) -> None:
+    """Process-wide settings, in the order that matters: identity, signals, files, threads."""
+    die_with_parent(spec.parent_pid)
+    try:
+        os.setpgid(0, 0)  # our own group: the terminal's Ctrl-C goes to the supervisor, which shuts us down
+    except OSError:
+        pass
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    os.environ.update(spec.env)
+    threads = str(spec.cpus)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = threads
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if spec.workdir:
+        os.makedirs(spec.workdir, exist_ok=True)
+        os.chdir(spec.workdir)
+    if spec.stdout:
+        sys.stdout.flush()
+        _redirect(spec.stdout, 1)
+    if spec.stderr:
+        sys.stderr.flush()
+        _redirect(spec.stderr, 2)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(spec.cpus)
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _cuda() -> Any | None:
+    """torch.cuda if this process has initialised CUDA, else None (never initialises it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
+
+
+class Meter:
+    """Measures one phase: wall time, CPU time, peak RSS, peak GPU memory."""
+
+    def __init__(self, phase: Phase, device: str | None) -> None:
+        self.phase = phase
+        self.device = device
+        _reset_peak_rss()
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
+        self.started = time.time()
+        self._t0 = time.perf_counter()
+        self._cpu0 = _cpu_seconds()
+
+    def record(self) -> PhaseRecord:
+        cuda = _cuda()
+        return PhaseRecord(
+            phase=self.phase,
+            device=self.device,
+            started=self.started,
+            duration=time.perf_counter() - self._t0,
+            cpu_time=_cpu_seconds() - self._cpu0,
+            peak_memory=_peak_rss(),
+            peak_gpu_memory=int(cuda.max_memory_reserved()) if cuda is not None else None,
+        )
+
+
+# ---------------------------------------------------------------- errors
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """Which retry budget an exception spends. Out-of-memory is a resource problem, not a bug."""
+    if isinstance(exc, MemoryError):
+        return "host_oom"
+    if isinstance(exc, SystemExit):
+        return "exit"
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CUDA_OOM_MARKERS)):
+        return "cuda_oom"
+    return "exception"
+
+
+def error_info(exc: BaseException, phase: Phase, device: str | None) -> ErrorInfo:
+    kind = classify(exc)
+    if isinstance(exc, SystemExit):
+        message = f"the task called sys.exit({exc.code!r}) during {phase}(); return or raise instead"
+    else:
+        message = str(exc)
+    return ErrorInfo(
+        kind=kind,
+        type=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+        message=message,
+        traceback="".join(traceback.format_exception(exc)),
+        phase=phase,
+        device=device,
+    )
+
+
+def stage_fault(fault: Fault | None, phase: Phase) -> None:
+    """Make the requested failure happen here, as a real task's would."""
+    if fault is None:
+        return
+    if fault == "exception":
+        raise RuntimeError(f"fault injected by fedsup: exception in {phase}")
+    if fault == "exit":
+        os._exit(3)
+    if fault == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "hang":
+        threading.Event().wait()
+    if fault == "cuda_oom":
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 2.00 GiB (fault injected by fedsup in {phase})"
+        )
+
+
+# ---------------------------------------------------------------- the command loop
+
+
+class Worker:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.task: Any = None
+
+    def send(self, message: Any) -> None:
+        """Pickle first, so an unpicklable result becomes an error message instead of a torn pipe."""
+        try:
+            data = ForkingPickler.dumps(message)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure is the same problem for the user
+            if not isinstance(message, PhaseDone):
+                raise
+            error = ErrorInfo(
+                kind="unpicklable",
+                type=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+                message=f"the result of {message.phase}() cannot be pickled: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+                phase=message.phase,
+                device=message.record.device,
+            )
+            data = ForkingPickler.dumps(PhaseFailed(message.phase, message.record, error))
+        self.conn.send_bytes(data)
+
+    def run_phase(self, phase: Phase, device: str | None, fault: Fault | None, call: Callable[[], Any]) -> None:
+        meter = Meter(phase, device)
+        try:
+            stage_fault(fault, phase)
+            result = call()
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task errors too
+            self.send(PhaseFailed(phase, meter.record(), error_info(exc, phase, device)))
+            return
+        self.send(PhaseDone(phase, meter.record(), result))
+
+    def load(self, command: Load) -> None:
+        self.task = command.task
+        self.run_phase("load", None, command.fault, self.task.load)
+
+    def train(self, command: Train) -> None:
+        if command.cuda_visible is not None and _cuda() is None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = command.cuda_visible
+        for key, value in command.context.items():
+            setattr(self.task, key, value)
+        self.run_phase("train", command.device, command.fault, lambda: self.task.train(command.local_device))
+
+    def serve(self) -> None:
+        while True:
+            try:
+                raw = self.conn.recv_bytes()
+            except (EOFError, OSError):
+                return  # the supervisor is gone: nobody is left to report to
+            try:
+                command = ForkingPickler.loads(raw)
+            except BaseException as exc:  # noqa: BLE001 - e.g. the task's class cannot be imported here
+                record = Meter("load", None).record()
+                self.send(PhaseFailed("load", record, error_info(exc, "load", None)))
+                continue
+            if isinstance(command, Exit):
+                self.send(Bye())
+                return
+            if isinstance(command, Load):
+                self.load(command)
+            elif isinstance(command, Train):
+                self.train(command)
+
+
+def child_main(conn: Connection, spec: ChildSpec) -> None:
+    """Entry point of a task's process (spawned directly, or forked by the fork server)."""
+    setup_child(spec)
+    Worker(conn).serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
