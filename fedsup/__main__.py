@@ -1,0 +1,5 @@
+import sys
+
+from fedsup.cli import main
+
+sys.exit(main())
