@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import Callable, Sequence
 
 from fedsup.errors import FedsupError
 
@@ -30,7 +30,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if not gpus:
         print(f"no NVIDIA GPUs found (NVML reports none); tasks run on the CPU ({cpu_cores()} cores)")
     for gpu in gpus:
-        print(f"{gpu['name']:8} {gpu['model']:28} total {format_bytes(gpu['total']):>10}   free {format_bytes(gpu['free']):>10}")
+        total, free = format_bytes(gpu["total"]), format_bytes(gpu["free"])
+        print(f"{gpu['name']:8} {gpu['model']:28} total {total:>10}   free {free:>10}")
     return ExitStatus.SUCCESS
 
 

@@ -150,14 +150,15 @@ class Inventory:
         self.context_memory = context_memory
 
     @classmethod
-    def from_spec(cls, spec: Any, **kwargs: Any) -> "Inventory":
+    def from_spec(cls, spec: Any, **kwargs: Any) -> Inventory:
         """``"auto"``, ``"cpu"``, a list of GPU indices, or a list of described devices."""
         if spec is None or spec == "auto":
             gpus, probe = nvml_gpus()
             return cls(gpus, probe=probe, **kwargs)
         if spec == "cpu":
             return cls([], **kwargs)
-        if isinstance(spec, (list, tuple)) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        is_index = [isinstance(i, int) and not isinstance(i, bool) for i in spec] if isinstance(spec, (list, tuple)) else []
+        if spec and is_index and all(is_index):
             gpus, probe = nvml_gpus(list(spec))
             return cls(gpus, probe=probe, **kwargs)
         if isinstance(spec, (list, tuple)) and spec:

@@ -7,7 +7,8 @@ diagram in ``states.py`` and tells the listener (the run directory's event log, 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fedsup.launch import Child
 from fedsup.records import AttemptRecord, ErrorInfo, Phase, PhaseRecord, TaskRecord
@@ -18,9 +19,24 @@ Listener = Callable[["TaskHandle", TaskStatus, TaskStatus, dict[str, Any]], None
 
 
 class TaskHandle:
-    def __init__(self, task: Task, index: int, listener: Listener | None = None) -> None:
+    """One unit of work: a task's ``train`` (or ``evaluate``), with its attempts.
+
+    In a one-shot run there is one handle per task. In a federated run there is one per client and round;
+    ``key`` (the task's own id) names the client, whose loaded process the next round's handle may adopt.
+    """
+
+    def __init__(self, task: Task, index: int, listener: Listener | None = None, *, task_id: str | None = None,
+                 method: str = "train", context: dict[str, Any] | None = None, state_path: str | None = None,
+                 seed: int | None = None, federated: bool = False) -> None:
         self.task = task
         self.index = index
+        self.id = task_id or task.task_id
+        self.key = task.task_id
+        self.method = method
+        self.context = context or {}
+        self.state_path = state_path
+        self.seed = seed
+        self.federated = federated
         self.status = TaskStatus.INIT
         self.listener = listener
         self.estimate_cuda = task.estimate_cuda_memory
@@ -43,7 +59,7 @@ class TaskHandle:
 
     @property
     def task_id(self) -> str:
-        return self.task.task_id
+        return self.id
 
     @property
     def attempt(self) -> AttemptRecord | None:
@@ -88,7 +104,7 @@ class TaskHandle:
         self.ended = attempt.ended
 
     def to_record(self) -> TaskRecord:
-        phases = [p for a in self.history for p in (a.load, a.train) if p is not None]
+        phases = [p for a in self.history for p in (a.load, a.train, a.evaluate) if p is not None]
         last = self.attempt
         peaks = [p.peak_memory for p in phases if p.peak_memory is not None]
         gpu_peaks = [p.peak_gpu_memory for p in phases if p.peak_gpu_memory is not None]
@@ -107,5 +123,6 @@ class TaskHandle:
             estimate_cuda_memory=self.estimate_cuda,
             load=last.load if last else None,
             train=last.train if last else None,
+            evaluate=last.evaluate if last else None,
             history=[a.model_copy() for a in self.history],
         )

@@ -30,7 +30,6 @@ import pickle
 import select
 import signal
 import socket
-import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -59,13 +58,13 @@ class ExitInfo:
     signal: int | None
 
     @classmethod
-    def from_wait_status(cls, status: int) -> "ExitInfo":
+    def from_wait_status(cls, status: int) -> ExitInfo:
         if os.WIFSIGNALED(status):
             return cls(None, os.WTERMSIG(status))
         return cls(os.waitstatus_to_exitcode(status), None)
 
     @classmethod
-    def from_exitcode(cls, code: int) -> "ExitInfo":
+    def from_exitcode(cls, code: int) -> ExitInfo:
         return cls(None, -code) if code < 0 else cls(code, None)
 
     def describe(self) -> str:

@@ -21,12 +21,27 @@ class Load:
 
 
 @dataclass(frozen=True)
+class StateRef:
+    """A model state saved with ``torch.save`` at ``path`` (under /dev/shm where there is one): read with
+    ``torch.load(mmap=True)``, so every reader shares the one copy in memory."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class Train:
     device: str                  # the inventory's name, for records
     local_device: str            # what the child passes to train(): "cpu" or "cuda:0"
     cuda_visible: str | None     # CUDA_VISIBLE_DEVICES for the child, set before its first CUDA call
     fault: Fault | None = None
+    method: Literal["train", "evaluate"] = "train"
+    # Attributes set on the task before the call; a StateRef value is loaded first (the global model).
     context: dict[str, Any] = field(default_factory=dict)
+    # Federated contract: the result must be {"state": ..., "num_examples": n, ...} ("train") or
+    # {"num_examples": n, ...} ("evaluate"); the state goes to this file and a StateRef comes back.
+    federated: bool = False
+    state_path: str | None = None
+    seed: int | None = None      # seeds torch, random and numpy before the call, for reproducible rounds
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, field_serializer
 
 from fedsup.states import TaskStatus
 
-Phase = Literal["load", "train"]
+Phase = Literal["load", "train", "evaluate"]
 
 #: How an attempt went wrong, by cause. Decides which retry budget it spends.
 ErrorKind = Literal[
@@ -25,6 +25,7 @@ ErrorKind = Literal[
     "crash",        # the process died without announcing it (exit code, segfault, signal)
     "timeout",      # a phase ran past its deadline and fedsup killed it
     "placement",    # the task can never fit on any device
+    "bad_result",   # train() or evaluate() returned something the run cannot use: a bug, never retried
     "cancelled",    # the run stopped first
 ]
 
@@ -74,6 +75,7 @@ class AttemptRecord(_Record):
     ended: float | None = None
     load: PhaseRecord | None = None
     train: PhaseRecord | None = None
+    evaluate: PhaseRecord | None = None
     error: ErrorInfo | None = None
 
 
@@ -117,6 +119,7 @@ class TaskRecord(_Record):
     estimate_cuda_memory: int = 0
     load: PhaseRecord | None = None
     train: PhaseRecord | None = None
+    evaluate: PhaseRecord | None = None
     history: list[AttemptRecord] = []
 
     @field_serializer("result")

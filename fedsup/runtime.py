@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 from fedsup.launch import Child, ExitInfo, ForkServerLauncher, SpawnLauncher
 from fedsup.messages import Command

@@ -15,9 +15,10 @@ import itertools
 import logging
 import os
 import signal
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, Iterable
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from fedsup.devices import Device, Inventory
 from fedsup.faults import FaultPlan
@@ -50,6 +51,20 @@ class Policy:
     train_timeout: float | None = None
     grace_period: float = 5.0     # after a stop signal: time for EXIT before SIGTERM, then SIGKILL
     faults: FaultPlan | None = None
+    keep_loaded: bool = False     # park a finished task's process, loaded, for the same client's next task
+
+
+@dataclass
+class Job:
+    """A task's ``train`` or ``evaluate`` as one unit of work (federated runs make one per client and round)."""
+
+    task: Task
+    task_id: str | None = None     # default: the task's own id
+    method: str = "train"
+    context: dict[str, Any] = field(default_factory=dict)
+    state_path: str | None = None
+    seed: int | None = None
+    federated: bool = False
 
 
 class Scheduler:
@@ -65,6 +80,10 @@ class Scheduler:
         self.delayed: list[tuple[float, int, TaskHandle]] = []  # queued behind a back-off
         self.waiting: list[TaskHandle] = []                     # loaded, waiting for a device
         self.procs: dict[Child, TaskHandle | None] = {}         # every live process; None once detached
+        self.proc_memory: dict[Child, int] = {}                 # host memory reserved per live process
+        self.idle: OrderedDict[str, Child] = OrderedDict()      # loaded, parked processes by client key
+        self.idle_resident: dict[Child, str | None] = {}
+        self.outstanding = 0                                    # submitted handles without an outcome
         self.host_reserved = 0
         self.training = 0
         self.stop_signal: int | None = None
@@ -75,17 +94,25 @@ class Scheduler:
 
     # ------------------------------------------------------------ submitting
 
-    def submit(self, tasks: Iterable[Task]) -> None:
+    def submit(self, tasks: Iterable[Task | Job]) -> list[TaskHandle]:
+        jobs = [t if isinstance(t, Job) else Job(t) for t in tasks]
         seen = {h.task_id for h in self.handles}
-        for task in tasks:
-            if not isinstance(task, Task):
-                raise TypeError(f"tasks: expected fedsup.Task instances, got {type(task).__name__}")
-            if task.task_id in seen:
-                raise ValueError(f"task_id: {task.task_id!r} appears more than once; task ids must be unique")
-            seen.add(task.task_id)
-            self.inventory.candidates(task.device)  # an unknown pin is an error now, not mid-run
-            handle = TaskHandle(task, len(self.handles), self._on_transition)
+        for job in jobs:
+            if not isinstance(job.task, Task):
+                raise TypeError(f"tasks: expected fedsup.Task instances, got {type(job.task).__name__}")
+            task_id = job.task_id or job.task.task_id
+            if task_id in seen:
+                raise ValueError(f"task_id: {task_id!r} appears more than once; task ids must be unique")
+            seen.add(task_id)
+            self.inventory.candidates(job.task.device)  # an unknown pin is an error now, not mid-run
+        handles = []
+        for job in jobs:
+            handle = TaskHandle(job.task, len(self.handles), self._on_transition, task_id=job.task_id,
+                                method=job.method, context=job.context, state_path=job.state_path, seed=job.seed,
+                                federated=job.federated)
             self.handles.append(handle)
+            handles.append(handle)
+            self.outstanding += 1
             reason = self._never_fits(handle)
             if reason is not None:
                 handle.error = ErrorInfo(kind="placement", type="PlacementError", message=reason,
@@ -94,6 +121,7 @@ class Scheduler:
                 self._write_record(handle)
             else:
                 self.ready.append(handle)
+        return handles
 
     def _never_fits(self, handle: TaskHandle) -> str | None:
         task = handle.task
@@ -113,19 +141,39 @@ class Scheduler:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
-        self.submit(tasks)
-        while not self.done():
-            self.admit()
-            self.dispatch()
-            events = self.runtime.wait(list(self.procs), self.next_timeout())
-            for event in events:
-                self.handle_event(event)
-            self.check_deadlines()
-        return self.records()
+    def run(self, tasks: Iterable[Task | Job]) -> list[TaskRecord]:
+        """Run every task to an outcome, then let every process go; one record per task, in order."""
+        handles = self.submit(tasks)
+        self.run_until_done()
+        self.close()
+        return [h.to_record() for h in handles]
+
+    def run_until_done(self) -> None:
+        """Loop until every submitted task has an outcome (after a stop: until every process is gone too)."""
+        while self.outstanding or (self.stop_signal is not None and self.procs):
+            self.step()
+
+    def step(self) -> None:
+        self.admit()
+        self.dispatch()
+        events = self.runtime.wait(list(self.procs), self.next_timeout())
+        for event in events:
+            self.handle_event(event)
+        self.check_deadlines()
+
+    def close(self) -> None:
+        """Let parked processes go and wait for every process to exit; kill what outlives the grace period."""
+        for child in list(self.idle.values()):
+            self.runtime.send(child, Exit())
+        self.idle.clear()
+        if self.procs and self.stop_deadline is None:
+            self.stop_stage = max(self.stop_stage, 1)
+            self.stop_deadline = self.runtime.now() + self.policy.grace_period
+        while self.procs:
+            self.step()
 
     def done(self) -> bool:
-        return not self.procs and all(h.status in OUTCOMES for h in self.handles)
+        return not self.procs and self.outstanding == 0
 
     def records(self) -> list[TaskRecord]:
         return [h.to_record() for h in self.handles]
@@ -147,19 +195,49 @@ class Scheduler:
         now = self.runtime.now()
         while self.delayed and self.delayed[0][0] <= now:
             self.ready.append(heapq.heappop(self.delayed)[2])
-        while self.ready and len(self.procs) < self.policy.max_loaded:
+        while self.ready:
             handle = self.ready[0]
+            parked = self.idle.pop(handle.key, None)
+            if parked is not None:
+                self.ready.popleft()
+                self.adopt(handle, parked)
+                continue
+            if len(self.procs) >= self.policy.max_loaded:
+                self._evict_idle()
+                return
             need = handle.task.estimate_memory
             if self.host_memory is not None and self.procs and self.host_reserved + need > self.host_memory:
+                self._evict_idle()
                 return  # wait for memory to come back; first in, first out
             self.ready.popleft()
             self.start(handle)
+
+    def adopt(self, handle: TaskHandle, child: Child) -> None:
+        """The next task of a client takes over its parked, loaded process: no start, no LOAD."""
+        handle.child = child
+        handle.kill_reason = None
+        handle.resident = self.idle_resident.pop(child, None)
+        self.procs[child] = handle
+        handle.begin_attempt(child.pid)
+        handle.transition(S.WAITING, adopted=True)
+        self.waiting.append(handle)
+
+    def _evict_idle(self) -> bool:
+        """Make room: the parked process least recently used, of a client nobody queued, is told to exit."""
+        if not self.idle:
+            return False
+        wanted = {h.key for h in self.ready}
+        key = next((k for k in self.idle if k not in wanted), next(iter(self.idle)))
+        child = self.idle.pop(key)
+        self.idle_resident.pop(child, None)
+        self.runtime.send(child, Exit())
+        return True
 
     def start(self, handle: TaskHandle) -> None:
         task = handle.task
         workdir = stdout = stderr = None
         if self.run_dir is not None:
-            directory = self.run_dir.task_dir(task.task_id)
+            directory = self.run_dir.task_dir(handle.key)
             directory.mkdir(parents=True, exist_ok=True)
             workdir, stdout, stderr = str(directory), str(directory / "stdout.log"), str(directory / "stderr.log")
             handle.stderr_offset = (directory / "stderr.log").stat().st_size if os.path.exists(stderr) else 0
@@ -169,6 +247,7 @@ class Scheduler:
         handle.kill_reason = None
         handle.resident = None
         self.procs[child] = handle
+        self.proc_memory[child] = task.estimate_memory
         self.host_reserved += task.estimate_memory
         handle.begin_attempt()
         handle.transition(S.AVAILABLE)
@@ -189,18 +268,22 @@ class Scheduler:
                 continue
             self.waiting.remove(handle)
             self.train(handle, device)
+        if self.waiting and self.training == 0 and any(r for r in self.idle_resident.values()):
+            self._evict_idle()  # parked processes hold GPU memory that a waiting task needs
 
-    def train(self, handle: TaskHandle, device: Device, context: dict[str, Any] | None = None) -> None:
+    def train(self, handle: TaskHandle, device: Device) -> None:
         assert handle.child is not None
         handle.device = device
         self.training += 1
         if device.is_gpu and handle.child.pid is not None:
             device.pids[handle.task_id] = handle.child.pid
-        fault = self._fault(handle, "train")
-        self._set_deadline(handle, "train", self.policy.train_timeout)
+        fault = self._fault(handle, handle.method)
+        self._set_deadline(handle, handle.method, self.policy.train_timeout)
         visible = str(device.index) if device.is_gpu else None
         local = "cuda:0" if device.is_gpu else "cpu"
-        self.runtime.send(handle.child, Train(device.name, local, visible, fault, context or {}))
+        command = Train(device.name, local, visible, fault, handle.method, handle.context,  # type: ignore[arg-type]
+                        handle.federated, handle.state_path, handle.seed)
+        self.runtime.send(handle.child, command)
         handle.transition(S.TRAINING, device=device.name, fault=fault)
 
     def _fault(self, handle: TaskHandle, phase: str) -> Any:
@@ -225,6 +308,17 @@ class Scheduler:
             self.training -= 1
         handle.deadline = None
         handle.phase = None
+
+    def _park(self, handle: TaskHandle) -> None:
+        """Keep a finished task's process loaded for its client's next task, unless the run is stopping."""
+        child = handle.child
+        if child is None or not self.policy.keep_loaded or self.stop_signal is not None:
+            self._detach(handle)
+            return
+        self.procs[child] = None
+        self.idle[handle.key] = child
+        self.idle_resident[child] = handle.resident
+        handle.child = None
 
     def _detach(self, handle: TaskHandle) -> None:
         """Tell the process to exit and stop tying it to the task; its exit is still awaited and reaped."""
@@ -262,7 +356,7 @@ class Scheduler:
                 handle.error = None
                 handle.end_attempt(S.FINISHED)
                 handle.transition(S.FINISHED, device=message.record.device)
-                self._detach(handle)
+                self._park(handle)
                 self._write_record(handle)
         elif isinstance(message, PhaseFailed):
             handle.note_phase(message.record)
@@ -278,11 +372,15 @@ class Scheduler:
             log.warning("task %s sent an unreadable message: %s", handle.task_id, message)
 
     def on_exit(self, child: Child, info: ExitInfo) -> None:
-        handle = self.procs.pop(child, None)
-        if handle is None:
+        if child not in self.procs:
             return
-        self.host_reserved -= handle.task.estimate_memory
-        if handle.child is not child:
+        handle = self.procs.pop(child)
+        self.host_reserved -= self.proc_memory.pop(child, 0)
+        if child in self.idle_resident:  # a parked process died between rounds: its client loads afresh
+            self.idle_resident.pop(child)
+            self.idle = OrderedDict((k, c) for k, c in self.idle.items() if c is not child)
+            log.warning("a parked process (pid %s) exited: %s", child.pid, info.describe())
+        if handle is None or handle.child is not child:
             return  # a detached process that exited as told
         self._release(handle)
         handle.child = None
@@ -294,7 +392,7 @@ class Scheduler:
 
     def _diagnose(self, handle: TaskHandle, info: ExitInfo) -> tuple[TaskStatus, ErrorInfo]:
         """Name what killed the process and the likely cause, with the facts to check it."""
-        phase = {S.TRAINING: "train", S.LOADING: "load"}.get(handle.status)
+        phase = {S.TRAINING: handle.method, S.LOADING: "load"}.get(handle.status)
         where = f" during {phase}()" if phase else f" while {handle.status.value.lower()}"
         kind: ErrorKind = "crash"
         status = S.CRASHED
@@ -325,7 +423,7 @@ class Scheduler:
     def _stderr_tail(self, handle: TaskHandle) -> list[str]:
         if self.run_dir is None:
             return []
-        return tail_lines(self.run_dir.task_dir(handle.task_id) / "stderr.log", handle.stderr_offset)
+        return tail_lines(self.run_dir.task_dir(handle.key) / "stderr.log", handle.stderr_offset)
 
     # ------------------------------------------------------------ retries
 
@@ -350,11 +448,14 @@ class Scheduler:
     def _retry_verdict(self, handle: TaskHandle, error: ErrorInfo) -> str | None:
         """Spend the right budget; return why the task fails for good, or None to retry."""
         policy = self.policy
+        if error.kind == "bad_result":
+            return "its result breaks the federated contract; retrying would not change it"
         if error.kind == "cuda_oom":
             cap = max((self.inventory.capacity(d) for d in self.inventory.candidates(handle.task.device)
                        if d.is_gpu), default=0)
             if cap and handle.estimate_cuda >= cap:
-                return f"out of GPU memory with its estimate already at the largest device's capacity ({format_bytes(cap)})"
+                return ("out of GPU memory with its estimate already at the largest device's capacity "
+                        f"({format_bytes(cap)})")
             handle.interrupts += 1
             if handle.interrupts > policy.max_interrupts:
                 return f"out of memory {handle.interrupts} times (max_interrupts={policy.max_interrupts})"
@@ -385,6 +486,7 @@ class Scheduler:
             self.run_dir.write_record(handle.to_record())
 
     def _on_transition(self, handle: TaskHandle, old: TaskStatus, new: TaskStatus, info: dict[str, Any]) -> None:
+        self.outstanding += (old in OUTCOMES) - (new in OUTCOMES)
         if self.run_dir is not None:
             child = handle.child
             self.run_dir.event(task=handle.task_id, attempt=len(handle.history), status=new.value, previous=old.value,
@@ -418,6 +520,8 @@ class Scheduler:
             self._cancel(handle, f"the run was stopped by {signal_name(signum)}")
         self.delayed.clear()
         self.waiting.clear()
+        self.idle.clear()
+        self.idle_resident.clear()
         for child in self.procs:
             self.runtime.send(child, Exit())
         self.stop_stage = 1

@@ -14,6 +14,9 @@
              budget spent ─► FAILED          shutdown before the end ─► CANCELLED
 ```
 
+INIT ─► WAITING: in a federated run a client's process stays loaded between rounds, and the next round's
+task adopts it instead of starting and loading a new one.
+
 FINISHED, FAILED and CANCELLED are the outcomes a record can end with. FINISHED is not final in a
 federated run: the same loaded process trains again in the next round.
 """
@@ -52,8 +55,9 @@ ATTEMPT_FAILED = frozenset({S.EXCEPTION, S.INTERRUPT, S.CRASHED, S.TIMEOUT})
 OUTCOMES = frozenset({S.FINISHED, S.FAILED, S.CANCELLED})
 
 _ALLOWED: dict[TaskStatus, frozenset[TaskStatus]] = {
-    # queued: a process is started, or the task is given up before it ever ran
-    S.INIT: frozenset({S.AVAILABLE, S.FAILED, S.CANCELLED}),
+    # queued: a process is started, or a loaded process of the same client is adopted (federated rounds),
+    # or the task is given up before it ever ran
+    S.INIT: frozenset({S.AVAILABLE, S.WAITING, S.FAILED, S.CANCELLED}),
     # the fresh process gets LOAD, or is told to EXIT, or dies on the way up
     S.AVAILABLE: frozenset({S.LOADING, S.EXITED, S.CRASHED, S.TIMEOUT, S.CANCELLED}),
     S.LOADING: frozenset({S.WAITING, S.EXCEPTION, S.INTERRUPT, S.CRASHED, S.TIMEOUT, S.CANCELLED}),

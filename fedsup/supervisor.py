@@ -8,8 +8,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from types import FrameType
-from typing import Any, Iterable
+from typing import Any
 
 import psutil
 

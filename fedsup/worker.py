@@ -15,12 +15,13 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable
+from typing import Any
 
-from fedsup.messages import Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, Train
+from fedsup.messages import Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, StateRef, Train
 from fedsup.records import ErrorInfo, ErrorKind, Phase, PhaseRecord
 
 _PR_SET_PDEATHSIG = 1
@@ -154,11 +155,75 @@ class Meter:
         )
 
 
+# ---------------------------------------------------------------- federated rounds
+
+
+def load_state(ref: StateRef) -> dict[str, Any]:
+    """The global model, memory-mapped: every client of a round shares the one copy."""
+    import torch
+
+    return torch.load(ref.path, mmap=True, weights_only=True)
+
+
+def save_state(state: dict[str, Any], path: str) -> None:
+    """Atomically: a reader (or a resumed run) sees the whole update or none of it."""
+    import torch
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+
+
+def federated_result(result: Any, method: str, state_path: str | None) -> dict[str, Any]:
+    """Check the result's shape; move the model state out of the pipe into a file."""
+    import torch
+
+    expected = ('{"state": model.state_dict(), "num_examples": n, **metrics}' if method == "train"
+                else '{"num_examples": n, **metrics}')
+    if not isinstance(result, dict):
+        raise ResultContractError(f"{method}() must return a dict {expected}, got {type(result).__name__}")
+    n = result.get("num_examples")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ResultContractError(f"{method}() must return num_examples as a whole number > 0, got {n!r}")
+    if method != "train":
+        return result
+    state = result.get("state")
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ResultContractError(f"train() must return 'state' as a non-empty dict of name -> tensor (a state_dict), "
+                        f"got {type(state).__name__}")
+    if state_path is not None:
+        save_state(state, state_path)
+        result = {**result, "state": StateRef(state_path)}
+    return result
+
+
 # ---------------------------------------------------------------- errors
+
+
+class ResultContractError(Exception):
+    """train() or evaluate() broke the federated contract: a bug in the task, so never retried."""
 
 
 def classify(exc: BaseException) -> ErrorKind:
     """Which retry budget an exception spends. Out-of-memory is a resource problem, not a bug."""
+    if isinstance(exc, ResultContractError):
+        return "bad_result"
     if isinstance(exc, MemoryError):
         return "host_oom"
     if isinstance(exc, SystemExit):
@@ -248,9 +313,19 @@ class Worker:
     def train(self, command: Train) -> None:
         if command.cuda_visible is not None and _cuda() is None:
             os.environ["CUDA_VISIBLE_DEVICES"] = command.cuda_visible
-        for key, value in command.context.items():
-            setattr(self.task, key, value)
-        self.run_phase("train", command.device, command.fault, lambda: self.task.train(command.local_device))
+
+        def call() -> Any:
+            for key, value in command.context.items():
+                setattr(self.task, key, load_state(value) if isinstance(value, StateRef) else value)
+            if command.seed is not None:
+                seed_everything(command.seed)
+            method = getattr(self.task, command.method)
+            result = method(command.local_device)
+            if command.federated:
+                result = federated_result(result, command.method, command.state_path)
+            return result
+
+        self.run_phase(command.method, command.device, command.fault, call)
 
     def serve(self) -> None:
         while True:

@@ -28,7 +28,8 @@ def main() -> None:
     records = Supervisor(devices="auto", run_dir=args.run_dir, faults=faults, retry_backoff=0.1).run(clients)
     wall = time.perf_counter() - started
 
-    print(f"{'task':<12}{'status':<10}{'tries':>6}{'device':>8}{'train s':>9}{'cpu s':>7}{'peak RSS':>11}{'accuracy':>10}")
+    header = ("task", "status", "tries", "device", "train s", "cpu s", "peak RSS", "accuracy")
+    print("{:<12}{:<10}{:>6}{:>8}{:>9}{:>7}{:>11}{:>10}".format(*header))
     for r in records:
         accuracy = f"{r.result['accuracy']:.3f}" if r.ok else "-"
         train = f"{r.train.duration:.2f}" if r.train else "-"
