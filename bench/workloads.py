@@ -62,7 +62,7 @@ def train_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, client
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
-        total += float(loss)
+        total += loss.item()
         batches += 1
     return {"client_id": client_id, "loss": total / batches, "batches": batches, "pid": os.getpid(),
             "threads": torch.get_num_threads()}

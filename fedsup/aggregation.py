@@ -92,7 +92,7 @@ class TrimmedMean(Strategy):
     def __init__(self, beta: float = 0.1) -> None:
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
             raise ConfigError(f"beta: must be a number in [0, 0.5), got {beta!r}")
-        self.beta = float(beta)
+        self.beta: float = float(beta)
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         n = len(updates)
@@ -128,7 +128,7 @@ def _weighted_mean(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
     # A plain loop of multiply then add, each rounded once, in client_id order: no fused multiply-add
     # and no reduction whose summation order could change between calls or builds.
     total = values[0] * weights[0]
-    for value, weight in zip(values[1:], weights[1:]):
+    for value, weight in zip(values[1:], weights[1:], strict=True):
         total = total + value * weight
     return total / sum(weights)
 

@@ -157,8 +157,8 @@ class Inventory:
             return cls(gpus, probe=probe, **kwargs)
         if spec == "cpu":
             return cls([], **kwargs)
-        is_index = [isinstance(i, int) and not isinstance(i, bool) for i in spec] if isinstance(spec, (list, tuple)) else []
-        if spec and is_index and all(is_index):
+        entries = list(spec) if isinstance(spec, (list, tuple)) else []
+        if entries and all(isinstance(i, int) and not isinstance(i, bool) for i in entries):
             gpus, probe = nvml_gpus(list(spec))
             return cls(gpus, probe=probe, **kwargs)
         if isinstance(spec, (list, tuple)) and spec:
