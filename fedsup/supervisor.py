@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -21,7 +22,7 @@ from fedsup.launch import make_launcher
 from fedsup.records import TaskRecord
 from fedsup.rundir import RunDir
 from fedsup.runtime import ProcessRuntime
-from fedsup.scheduler import Policy, Scheduler
+from fedsup.scheduler import Job, Policy, Scheduler
 from fedsup.task import Task
 from fedsup.units import parse_bytes
 
@@ -62,6 +63,7 @@ class Supervisor:
         memory_margin: int | str = DEFAULT_MARGIN,
         cuda_context_memory: int | str = DEFAULT_CONTEXT_MEMORY,
         cpus: int | None = None,
+        keep_loaded: bool = False,
     ) -> None:
         for name, value in (("max_retries", max_retries), ("max_interrupts", max_interrupts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -91,6 +93,7 @@ class Supervisor:
             train_timeout=train_timeout,
             grace_period=grace_period,
             faults=faults,
+            keep_loaded=keep_loaded,
         )
         self.run_dir = run_dir
         self.start_method = start_method
@@ -104,19 +107,29 @@ class Supervisor:
         raised with the records as they were left.
         """
         tasks = list(tasks)
+        with self.session(tasks) as session:
+            return session.run(tasks)
+
+    @contextmanager
+    def session(self, tasks: Iterable[Task] = ()) -> Iterator[Session]:
+        """Start the machinery once for several batches of work (the rounds of a federated run).
+
+        ``tasks`` are the ones that will run, so that the fork server can import their modules.
+        """
+        tasks = list(tasks)
         run_dir = RunDir(self.run_dir) if self.run_dir is not None else None
         launcher = make_launcher(self.start_method, max((t.cpus for t in tasks), default=1))
         runtime = ProcessRuntime(launcher)
-        host = psutil.virtual_memory().available
-        scheduler = Scheduler(self.policy, self.inventory, runtime, run_dir, host_memory=host)
+        scheduler = Scheduler(self.policy, self.inventory, runtime, run_dir,
+                              host_memory=psutil.virtual_memory().available)
         self.scheduler = scheduler
         restore = self._install_signals(runtime)
         try:
-            sys.stdout.flush()
+            sys.stdout.flush()  # a forked server must not inherit unwritten output and print it twice
             sys.stderr.flush()
-            modules = sorted({type(t).__module__ for t in tasks} - {"__main__"})
-            launcher.start(modules)
-            records = scheduler.run(tasks)
+            launcher.start(sorted({type(t).__module__ for t in tasks} - {"__main__"}))
+            yield Session(scheduler, run_dir)
+            scheduler.close()
         except BaseException:
             self._kill_everything(scheduler)
             raise
@@ -125,15 +138,20 @@ class Supervisor:
             restore()
             if run_dir is not None:
                 run_dir.close()
-        if scheduler.stop_signal is not None:
-            raise RunInterrupted(scheduler.stop_signal, records)
-        return records
 
     @staticmethod
     def _kill_everything(scheduler: Scheduler) -> None:
-        """Last resort after an error in the loop itself: no task process may outlive the supervisor."""
-        for child in list(scheduler.procs):
-            child.kill(signal.SIGKILL)
+        """After an error or a stop: no task process may outlive the supervisor, and each is reaped."""
+        if scheduler.procs and scheduler.stop_signal is None:
+            scheduler.stop_signal = signal.SIGKILL  # admit nothing more
+            scheduler.stop_stage = 2
+            scheduler._escalate()  # SIGKILL now
+        try:
+            while scheduler.procs:
+                scheduler.step()
+        except BaseException:  # noqa: BLE001 - the loop itself is broken: kill without waiting
+            for child in list(scheduler.procs):
+                child.kill(signal.SIGKILL)
 
     @staticmethod
     def _install_signals(runtime: ProcessRuntime) -> Any:
@@ -146,3 +164,19 @@ class Supervisor:
             for sig, old in previous.items():
                 signal.signal(sig, old)
         return restore
+
+
+class Session:
+    """Runs batches of work on one set of processes; see ``Supervisor.session``."""
+
+    def __init__(self, scheduler: Scheduler, run_dir: RunDir | None) -> None:
+        self.scheduler = scheduler
+        self.run_dir = run_dir
+
+    def run(self, jobs: Iterable[Task | Job]) -> list[TaskRecord]:
+        handles = self.scheduler.submit(jobs)
+        self.scheduler.run_until_done()
+        records = [h.to_record() for h in handles]
+        if self.scheduler.stop_signal is not None:
+            raise RunInterrupted(self.scheduler.stop_signal, records)
+        return records
