@@ -47,3 +47,15 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"run interrupted by signal {signum}")
         self.signum = signum
         self.records = records
+
+
+class RunFailed(FedsupError):
+    """A federated run could not go on: a round ended with fewer successful clients than ``min_clients``."""
+
+
+class TaskContractError(FedsupError):
+    """A task broke the federated contract (what ``train``/``evaluate`` must return): a bug, not bad luck."""
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as asked: it holds another run, or a damaged one."""

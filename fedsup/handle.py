@@ -104,7 +104,7 @@ class TaskHandle:
         self.ended = attempt.ended
 
     def to_record(self) -> TaskRecord:
-        phases = [p for a in self.history for p in (a.load, a.train, a.evaluate) if p is not None]
+        phases = [p for a in self.history for p in (a.load, a.train, a.evaluate, a.initial_state) if p is not None]
         last = self.attempt
         peaks = [p.peak_memory for p in phases if p.peak_memory is not None]
         gpu_peaks = [p.peak_gpu_memory for p in phases if p.peak_gpu_memory is not None]

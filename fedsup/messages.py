@@ -34,7 +34,7 @@ class Train:
     local_device: str            # what the child passes to train(): "cpu" or "cuda:0"
     cuda_visible: str | None     # CUDA_VISIBLE_DEVICES for the child, set before its first CUDA call
     fault: Fault | None = None
-    method: Literal["train", "evaluate"] = "train"
+    method: Literal["train", "evaluate", "initial_state"] = "train"
     # Attributes set on the task before the call; a StateRef value is loaded first (the global model).
     context: dict[str, Any] = field(default_factory=dict)
     # Federated contract: the result must be {"state": ..., "num_examples": n, ...} ("train") or

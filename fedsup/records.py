@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, field_serializer
 
 from fedsup.states import TaskStatus
 
-Phase = Literal["load", "train", "evaluate"]
+Phase = Literal["load", "train", "evaluate", "initial_state"]
 
 #: How an attempt went wrong, by cause. Decides which retry budget it spends.
 ErrorKind = Literal[
@@ -76,6 +76,7 @@ class AttemptRecord(_Record):
     load: PhaseRecord | None = None
     train: PhaseRecord | None = None
     evaluate: PhaseRecord | None = None
+    initial_state: PhaseRecord | None = None
     error: ErrorInfo | None = None
 
 

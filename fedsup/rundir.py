@@ -69,7 +69,11 @@ class RunDir:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "tasks").mkdir(exist_ok=True)
-        self._events: IO[str] = open(self.path / "events.jsonl", "a", encoding="utf-8")
+        events = self.path / "events.jsonl"
+        torn = events.exists() and events.stat().st_size > 0 and not events.read_bytes().endswith(b"\n")
+        self._events: IO[str] = open(events, "a", encoding="utf-8")
+        if torn:  # a killed writer left half a line: end it, so that it stays the only bad line
+            self._events.write("\n")
 
     def task_dir(self, task_id: str) -> Path:
         return self.path / "tasks" / safe_name(task_id)

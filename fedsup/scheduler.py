@@ -166,6 +166,7 @@ class Scheduler:
         for child in list(self.idle.values()):
             self.runtime.send(child, Exit())
         self.idle.clear()
+        self.idle_resident.clear()
         if self.procs and self.stop_deadline is None:
             self.stop_stage = max(self.stop_stage, 1)
             self.stop_deadline = self.runtime.now() + self.policy.grace_period

@@ -17,6 +17,11 @@ class Task(abc.ABC):
     ``train(device)`` runs once a device is free: ``device`` is ``"cpu"`` or ``"cuda:0"``-style as seen
     inside the child (the child only sees the GPU it was given). It returns a dict of results, or None.
 
+    In a federated run the process stays loaded across rounds: each round ``self.global_state`` holds the
+    global model (a dict of tensors, the same for every client) and ``self.round`` the round number, and
+    ``train`` returns ``{"state": model.state_dict(), "num_examples": n, **metrics}``. For a resumed run to
+    end with the same model, ``train`` should depend only on the global state, the data and the seeded RNGs.
+
     The task object is pickled to its process, so it must be defined at module level and hold only
     picklable state before ``load()``; what ``load()`` builds stays in the child.
     """
@@ -42,6 +47,9 @@ class Task(abc.ABC):
         self.cpus: int = cpus
         self.device: str | None = device
         self.status: TaskStatus = TaskStatus.INIT
+        # Set in the task's process before each train()/evaluate() of a federated run.
+        self.global_state: dict[str, Any] | None = None
+        self.round: int = 0
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -50,6 +58,19 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def train(self, device: str) -> dict[str, Any] | None:
         """Do the work on ``device`` and return a dict of results (picklable), or None."""
+
+    # -- federated runs: these are optional
+
+    def initial_state(self) -> dict[str, Any] | None:
+        """The first global model (a state_dict), built once before round 1 with torch seeded from the run seed.
+
+        Without it, round 1's ``global_state`` is None and the first aggregate comes from the clients' models.
+        """
+        return None
+
+    def evaluate(self, device: str) -> dict[str, Any] | None:
+        """Evaluate ``self.global_state`` (the new global model) and return ``{"num_examples": n, **metrics}``."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.task_id!r} {self.status}>"

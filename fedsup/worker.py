@@ -193,19 +193,20 @@ def federated_result(result: Any, method: str, state_path: str | None) -> dict[s
     """Check the result's shape; move the model state out of the pipe into a file."""
     import torch
 
-    expected = ('{"state": model.state_dict(), "num_examples": n, **metrics}' if method == "train"
+    returns_state = method in ("train", "initial_state")
+    expected = ('{"state": model.state_dict(), "num_examples": n, **metrics}' if returns_state
                 else '{"num_examples": n, **metrics}')
     if not isinstance(result, dict):
         raise ResultContractError(f"{method}() must return a dict {expected}, got {type(result).__name__}")
     n = result.get("num_examples")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ResultContractError(f"{method}() must return num_examples as a whole number > 0, got {n!r}")
-    if method != "train":
+    if not returns_state:
         return result
     state = result.get("state")
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ResultContractError(f"train() must return 'state' as a non-empty dict of name -> tensor (a state_dict), "
+        raise ResultContractError(f"{method}() must return 'state' as a non-empty dict of name -> tensor (a state_dict), "
                         f"got {type(state).__name__}")
     if state_path is not None:
         save_state(state, state_path)
@@ -319,8 +320,10 @@ class Worker:
                 setattr(self.task, key, load_state(value) if isinstance(value, StateRef) else value)
             if command.seed is not None:
                 seed_everything(command.seed)
-            method = getattr(self.task, command.method)
-            result = method(command.local_device)
+            if command.method == "initial_state":
+                result = {"state": self.task.initial_state(), "num_examples": 1}
+            else:
+                result = getattr(self.task, command.method)(command.local_device)
             if command.federated:
                 result = federated_result(result, command.method, command.state_path)
             return result
