@@ -45,10 +45,11 @@ def dirichlet(
         )
     rng = np.random.default_rng(seed)
     classes = [rng.permutation(np.flatnonzero(labels == value)) for value in np.unique(labels)]
+    counts = np.array([len(members) for members in classes])
     for _ in range(_MAX_ATTEMPTS):
-        cuts = [_dirichlet_cuts(rng, len(members), num_clients, float(alpha)) for members in classes]
-        sizes = np.diff(np.stack(cuts), axis=1).sum(axis=0)
-        if sizes.min() >= min_size:
+        proportions = rng.dirichlet(np.full(num_clients, float(alpha)), size=len(classes))
+        cuts = _cuts(proportions, counts)
+        if np.diff(cuts, axis=1).sum(axis=0).min() >= min_size:
             return _assemble(classes, cuts, num_clients)
     raise ConfigError(
         f"dirichlet: no split gave every one of {num_clients} clients at least min_size={min_size} samples "
@@ -57,14 +58,14 @@ def dirichlet(
     )
 
 
-def _dirichlet_cuts(rng: np.random.Generator, count: int, num_clients: int, alpha: float) -> np.ndarray:
-    """Return num_clients + 1 boundaries into a class of ``count`` samples, from 0 to ``count``."""
-    proportions = rng.dirichlet(np.full(num_clients, alpha))
-    inner = np.clip((np.cumsum(proportions)[:-1] * count).astype(np.int64), 0, count)
-    return np.concatenate(([0], inner, [count]))
+def _cuts(proportions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per class (row), num_clients + 1 boundaries into its shuffled members, from 0 to its count."""
+    column = counts[:, None]
+    inner = np.clip((np.cumsum(proportions, axis=1)[:, :-1] * column).astype(np.int64), 0, column)
+    return np.concatenate((np.zeros_like(column), inner, column), axis=1)
 
 
-def _assemble(classes: list[np.ndarray], cuts: list[np.ndarray], num_clients: int) -> list[np.ndarray]:
+def _assemble(classes: list[np.ndarray], cuts: np.ndarray, num_clients: int) -> list[np.ndarray]:
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for members, cut in zip(classes, cuts, strict=True):
         for client in range(num_clients):

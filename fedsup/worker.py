@@ -206,8 +206,8 @@ def federated_result(result: Any, method: str, state_path: str | None) -> dict[s
     state = result.get("state")
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ResultContractError(f"{method}() must return 'state' as a non-empty dict of name -> tensor (a state_dict), "
-                        f"got {type(state).__name__}")
+        raise ResultContractError(f"{method}() must return 'state' as a non-empty dict of name -> tensor "
+                                  f"(a state_dict), got {type(state).__name__}")
     if state_path is not None:
         save_state(state, state_path)
         result = {**result, "state": StateRef(state_path)}
