@@ -25,9 +25,7 @@ def iid(num_samples: int, num_clients: int, seed: int = 0) -> list[np.ndarray]:
     return [_sorted(part) for part in np.array_split(order, num_clients)]
 
 
-def dirichlet(
-    labels: np.ndarray, num_clients: int, alpha: float, seed: int = 0, min_size: int = 1
-) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int = 0, min_size: int = 1) -> list[np.ndarray]:
     """Label skew: each class is split among the clients in proportions drawn from Dir(alpha).
 
     Small ``alpha`` (0.1) gives each client few classes; large ``alpha`` (1000) is close to IID. Draws are
@@ -44,7 +42,7 @@ def dirichlet(
             f"but there are only {len(labels)}"
         )
     rng = np.random.default_rng(seed)
-    classes = [rng.permutation(np.flatnonzero(labels == value)) for value in np.unique(labels)]
+    classes = [rng.permutation(members) for members in _by_class(labels)]
     counts = np.array([len(members) for members in classes])
     for _ in range(_MAX_ATTEMPTS):
         proportions = rng.dirichlet(np.full(num_clients, float(alpha)), size=len(classes))
@@ -56,6 +54,13 @@ def dirichlet(
         f"in {_MAX_ATTEMPTS} attempts (alpha={alpha}, {len(labels)} samples, {len(classes)} classes); "
         "raise alpha, lower min_size or use fewer clients"
     )
+
+
+def _by_class(labels: np.ndarray) -> list[np.ndarray]:
+    """The sample indices of each distinct label, in label order, ascending within a class."""
+    inverse = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    grouped = np.argsort(inverse, kind="stable")
+    return np.split(grouped, np.cumsum(np.bincount(inverse))[:-1])
 
 
 def _cuts(proportions: np.ndarray, counts: np.ndarray) -> np.ndarray:
