@@ -1,6 +1,16 @@
 """fedsup: a federated-learning process supervisor."""
 
-from fedsup.errors import ConfigError, FedsupError, PlacementError, RunInterrupted, TaskFailed
+from typing import Any
+
+from fedsup.errors import (
+    ConfigError,
+    FedsupError,
+    PlacementError,
+    RunFailed,
+    RunInterrupted,
+    TaskContractError,
+    TaskFailed,
+)
 from fedsup.faults import FaultPlan
 from fedsup.records import AttemptRecord, ErrorInfo, PhaseRecord, TaskRecord
 from fedsup.states import TaskStatus
@@ -8,6 +18,16 @@ from fedsup.supervisor import Supervisor
 from fedsup.task import Task
 
 __version__ = "0.1.0"
+
+
+def run(config: Any, **options: Any) -> dict[str, Any]:
+    """Run (or, with ``resume=True``, resume) the federated run that ``config`` describes: a YAML file, a
+    dict of the same shape or a ``fedsup.config.RunConfig``. Returns the run's summary. Options:
+    ``overrides`` (``["federation.rounds=10"]``), ``resume``, ``output``, ``on_event``."""
+    from fedsup.runner import run as run_config
+
+    return run_config(config, **options)
+
 
 __all__ = [
     "AttemptRecord",
@@ -17,11 +37,14 @@ __all__ = [
     "FedsupError",
     "PhaseRecord",
     "PlacementError",
+    "RunFailed",
     "RunInterrupted",
     "Supervisor",
     "Task",
+    "TaskContractError",
     "TaskFailed",
     "TaskRecord",
     "TaskStatus",
     "__version__",
+    "run",
 ]

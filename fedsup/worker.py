@@ -200,14 +200,15 @@ def federated_result(result: Any, method: str, state_path: str | None) -> dict[s
         raise ResultContractError(f"{method}() must return a dict {expected}, got {type(result).__name__}")
     n = result.get("num_examples")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ResultContractError(f"{method}() must return num_examples as a whole number > 0, got {n!r}")
+        raise ResultContractError(f"{method}() must return {expected}: num_examples must be a whole number > 0, "
+                                  f"got {n!r}")
     if not returns_state:
         return result
     state = result.get("state")
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ResultContractError(f"{method}() must return 'state' as a non-empty dict of name -> tensor "
-                                  f"(a state_dict), got {type(state).__name__}")
+        raise ResultContractError(f"{method}() must return {expected}: state must be a non-empty dict of "
+                                  f"name -> tensor, got {type(state).__name__}")
     if state_path is not None:
         save_state(state, state_path)
         result = {**result, "state": StateRef(state_path)}
