@@ -247,6 +247,7 @@ class Federation:
             with self.supervisor.session(self.clients) as session:
                 assert session.run_dir is not None
                 session.run_dir.event(event="run_started", resume=resume, from_round=done + 1)
+                self._emit(event="run_started", resume=resume, from_round=done + 1, rounds=self.spec.rounds)
                 state = self._starting_state(session, done)
                 for round_ in range(done + 1, self.spec.rounds + 1):
                     state = self._round(session, shm, round_, state)
