@@ -50,6 +50,8 @@ class TaskHandle:
         self.phase: Phase | None = None
         self.deadline: float | None = None
         self.kill_reason: str | None = None
+        self.timed_out: Phase | None = None  # the phase whose deadline passed
+        self.reason: str | None = None        # why the task ended FAILED or CANCELLED
         self.stderr_offset = 0
         self.history: list[AttemptRecord] = []
         self.result: Any = None
@@ -115,6 +117,7 @@ class TaskHandle:
             device=last.device if last else None,
             result=self.result,
             error=self.error,
+            reason=self.reason,
             duration=(self.ended - self.started) if (self.started and self.ended) else None,
             cpu_time=sum(p.cpu_time for p in phases),
             peak_memory=max(peaks, default=None),

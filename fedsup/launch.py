@@ -56,6 +56,7 @@ class ExitInfo:
 
     code: int | None
     signal: int | None
+    cause: str | None = None  # what fedsup knows beyond the status, e.g. that the fork server died
 
     @classmethod
     def from_wait_status(cls, status: int) -> ExitInfo:
@@ -166,7 +167,10 @@ class SpawnLauncher:
     def waitables(self) -> list[Any]:
         return []
 
-    def on_ready(self, obj: Any) -> list[tuple[int, ExitInfo]]:
+    def pending_exits(self) -> list[tuple[SpawnChild, ExitInfo]]:
+        return []
+
+    def on_ready(self, obj: Any) -> list[tuple[SpawnChild, ExitInfo]]:
         return []
 
     def alive(self) -> bool:
@@ -210,6 +214,9 @@ class ForkServerLauncher:
         self._server_pid: int | None = None
         self._process: Any = None  # the multiprocessing.Process when started with spawn
         self._next_id = 0
+        self._preload: list[str] = []
+        self.restarts = 0
+        self._lost: list[tuple[ServerChild, ExitInfo]] = []   # exits learnt outside on_ready
         self._starting: dict[int, ServerChild] = {}
         self._by_pid: dict[int, ServerChild] = {}
         self.forked = False
@@ -227,6 +234,7 @@ class ForkServerLauncher:
         return None
 
     def start(self, preload: list[str]) -> None:
+        self._preload = preload
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reason = self.fork_is_safe()
         parent = os.getpid()
@@ -275,14 +283,22 @@ class ForkServerLauncher:
     # -- children
 
     def spawn(self, spec: ChildSpec) -> ServerChild:
-        assert self._sock is not None, "the fork server is not running"
+        if self._sock is None:  # it died (killed from outside): start another, the tasks go on
+            self.restarts += 1
+            log.warning("restarting the fork server (restart %d)", self.restarts)
+            self.start(self._preload)
+        assert self._sock is not None
         parent_conn, child_conn = mp.Pipe(duplex=True)
         self._next_id += 1
         request = pickle.dumps(("spawn", self._next_id, spec))
         try:
             socket.send_fds(self._sock, [request], [child_conn.fileno()])
-        finally:
+        except OSError:  # the server died since the last wait: report its children, start another
+            self._lost.extend(self._server_lost([]))
             child_conn.close()
+            parent_conn.close()
+            return self.spawn(spec)
+        child_conn.close()
         child = ServerChild(parent_conn)
         self._starting[self._next_id] = child
         return child
@@ -290,15 +306,22 @@ class ForkServerLauncher:
     def waitables(self) -> list[Any]:
         return [self._sock] if self._sock is not None else []
 
+    def pending_exits(self) -> list[tuple[ServerChild, ExitInfo]]:
+        lost, self._lost = self._lost, []
+        return lost
+
     def on_ready(self, obj: Any) -> list[tuple[ServerChild, ExitInfo]]:
         """Read the server's reports; return the children that exited, with how."""
         exited: list[tuple[ServerChild, ExitInfo]] = []
-        assert self._sock is not None
+        if self._sock is None or obj is not self._sock:
+            return exited
         while True:
             try:
                 data = self._sock.recv(4096, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return exited
+            except OSError:
+                data = b""
             if not data:
                 return self._server_lost(exited)
             message = pickle.loads(data)
@@ -316,7 +339,7 @@ class ForkServerLauncher:
     def _server_lost(self, exited: list[tuple[ServerChild, ExitInfo]]) -> list[tuple[ServerChild, ExitInfo]]:
         """The server died: its children died with it (PDEATHSIG). Report them all as killed."""
         log.error("the fork server died; its task processes died with it")
-        lost = ExitInfo(None, signal.SIGKILL)
+        lost = ExitInfo(None, signal.SIGKILL, cause="the fork server died, and its task processes with it")
         for child in [*self._starting.values(), *self._by_pid.values()]:
             child.exit = lost
             exited.append((child, lost))

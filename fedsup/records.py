@@ -112,6 +112,7 @@ class TaskRecord(_Record):
     device: str | None = None
     result: Any = None
     error: ErrorInfo | None = None
+    reason: str | None = None          # why it ended FAILED or CANCELLED, beyond the last error
     duration: float | None = None
     cpu_time: float = 0.0
     peak_memory: int | None = None

@@ -92,9 +92,11 @@ class ProcessRuntime:
             sentinel = child.sentinel()
             if sentinel is not None and child.exit is None:
                 owners[sentinel] = child
-        server = self.launcher.waitables()
-        ready = wait([*owners, *server, self.wake_r], timeout)
         events: list[Event] = []
+        for child, info in self.launcher.pending_exits():
+            events.extend(self._finish(child, info))
+        server = self.launcher.waitables()
+        ready = wait([*owners, *server, self.wake_r], 0 if events else timeout)
         for obj in ready:
             if obj == self.wake_r:
                 events.extend(Signalled(b) for b in os.read(self.wake_r, 64))

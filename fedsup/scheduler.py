@@ -83,6 +83,7 @@ class Scheduler:
         self.proc_memory: dict[Child, int] = {}                 # host memory reserved per live process
         self.idle: OrderedDict[str, Child] = OrderedDict()      # loaded, parked processes by client key
         self.idle_resident: dict[Child, str | None] = {}
+        self.exit_deadlines: dict[Child, tuple[float, int]] = {}  # told to exit: (when to escalate, stage)
         self.outstanding = 0                                    # submitted handles without an outcome
         self.host_reserved = 0
         self.training = 0
@@ -117,6 +118,7 @@ class Scheduler:
             if reason is not None:
                 handle.error = ErrorInfo(kind="placement", type="PlacementError", message=reason,
                                          estimate_cuda_memory=handle.estimate_cuda)
+                handle.reason = reason
                 handle.transition(S.FAILED, reason=reason)
                 self._write_record(handle)
             else:
@@ -164,12 +166,9 @@ class Scheduler:
     def close(self) -> None:
         """Let parked processes go and wait for every process to exit; kill what outlives the grace period."""
         for child in list(self.idle.values()):
-            self.runtime.send(child, Exit())
+            self._tell_exit(child)
         self.idle.clear()
         self.idle_resident.clear()
-        if self.procs and self.stop_deadline is None:
-            self.stop_stage = max(self.stop_stage, 1)
-            self.stop_deadline = self.runtime.now() + self.policy.grace_period
         while self.procs:
             self.step()
 
@@ -186,6 +185,7 @@ class Scheduler:
             times.append(self.delayed[0][0])
         if self.stop_deadline is not None:
             times.append(self.stop_deadline)
+        times.extend(when for when, _ in self.exit_deadlines.values())
         return max(0.0, min(times) - now) if times else None
 
     # ------------------------------------------------------------ starting and placing
@@ -217,6 +217,7 @@ class Scheduler:
         """The next task of a client takes over its parked, loaded process: no start, no LOAD."""
         handle.child = child
         handle.kill_reason = None
+        handle.timed_out = None
         handle.resident = self.idle_resident.pop(child, None)
         self.procs[child] = handle
         handle.begin_attempt(child.pid)
@@ -231,8 +232,13 @@ class Scheduler:
         key = next((k for k in self.idle if k not in wanted), next(iter(self.idle)))
         child = self.idle.pop(key)
         self.idle_resident.pop(child, None)
-        self.runtime.send(child, Exit())
+        self._tell_exit(child)
         return True
+
+    def _tell_exit(self, child: Child) -> None:
+        """EXIT, with a deadline: a process that does not leave in the grace period is terminated, then killed."""
+        self.runtime.send(child, Exit())
+        self.exit_deadlines[child] = (self.runtime.now() + self.policy.grace_period, 0)
 
     def start(self, handle: TaskHandle) -> None:
         task = handle.task
@@ -246,6 +252,7 @@ class Scheduler:
         child = self.runtime.spawn(spec)
         handle.child = child
         handle.kill_reason = None
+        handle.timed_out = None
         handle.resident = None
         self.procs[child] = handle
         self.proc_memory[child] = task.estimate_memory
@@ -325,7 +332,7 @@ class Scheduler:
         """Tell the process to exit and stop tying it to the task; its exit is still awaited and reaped."""
         child = handle.child
         if child is not None:
-            self.runtime.send(child, Exit())
+            self._tell_exit(child)
             self.procs[child] = None
             handle.child = None
         if handle in self.waiting:
@@ -338,7 +345,8 @@ class Scheduler:
             self.request_stop(event.signum)
         elif isinstance(event, Message):
             handle = self.procs.get(event.child)
-            if handle is not None and handle.child is event.child:
+            # a phase that ends while its timeout kill is on the way still counts as timed out
+            if handle is not None and handle.child is event.child and handle.kill_reason != "timeout":
                 self.on_message(handle, event.message)
         elif isinstance(event, Exited):
             self.on_exit(event.child, event.exit)
@@ -376,6 +384,7 @@ class Scheduler:
         if child not in self.procs:
             return
         handle = self.procs.pop(child)
+        self.exit_deadlines.pop(child, None)
         self.host_reserved -= self.proc_memory.pop(child, 0)
         if child in self.idle_resident:  # a parked process died between rounds: its client loads afresh
             self.idle_resident.pop(child)
@@ -393,14 +402,16 @@ class Scheduler:
 
     def _diagnose(self, handle: TaskHandle, info: ExitInfo) -> tuple[TaskStatus, ErrorInfo]:
         """Name what killed the process and the likely cause, with the facts to check it."""
-        phase = {S.TRAINING: handle.method, S.LOADING: "load"}.get(handle.status)
+        phase = handle.timed_out or {S.TRAINING: handle.method, S.LOADING: "load"}.get(handle.status)
         where = f" during {phase}()" if phase else f" while {handle.status.value.lower()}"
         kind: ErrorKind = "crash"
         status = S.CRASHED
         if handle.kill_reason == "timeout":
-            limit = self.policy.train_timeout if phase == "train" else self.policy.load_timeout
+            limit = self.policy.load_timeout if phase == "load" else self.policy.train_timeout
             kind, status = "timeout", S.TIMEOUT
-            message = f"{phase}() ran past its {limit:g} s timeout and was killed (SIGKILL)"
+            message = f"{phase}() ran past its {limit or 0:g} s timeout and was killed (SIGKILL)"
+        elif info.cause is not None:
+            message = f"{info.cause}{where}"
         elif info.signal == signal.SIGKILL:
             kind = "host_oom"
             message = (f"the process was killed by SIGKILL{where}, which fedsup did not send: most likely the "
@@ -437,6 +448,7 @@ class Scheduler:
         if self.stop_signal is not None:
             self._cancel(handle, "the run was stopped")
         elif verdict is not None:
+            handle.reason = verdict
             handle.transition(S.FAILED, reason=verdict)
             self._write_record(handle)
         else:
@@ -479,6 +491,7 @@ class Scheduler:
         if handle.status in OUTCOMES:
             return
         handle.end_attempt(S.CANCELLED, handle.error)
+        handle.reason = reason
         handle.transition(S.CANCELLED, reason=reason)
         self._write_record(handle)
 
@@ -502,7 +515,17 @@ class Scheduler:
             if handle is not None and handle.deadline is not None and handle.deadline <= now:
                 handle.deadline = None
                 handle.kill_reason = "timeout"
+                handle.timed_out = handle.phase
                 self.runtime.kill(child, signal.SIGKILL)
+        for child, (when, stage) in list(self.exit_deadlines.items()):
+            if when <= now:
+                sent = "SIGKILL" if stage else "SIGTERM"
+                log.warning("process %s did not exit when told; sending %s", child.pid, sent)
+                self.runtime.kill(child, signal.SIGKILL if stage else signal.SIGTERM)
+                if stage:
+                    del self.exit_deadlines[child]
+                else:
+                    self.exit_deadlines[child] = (now + _KILL_WAIT, 1)
         if self.stop_deadline is not None and self.stop_deadline <= now:
             self._escalate()
 

@@ -1,21 +1,22 @@
 """Task lifecycle states and the edges allowed between them. Standard library only.
 
 ```
-            spawn              LOAD ok                 placed, TRAIN           result
+            spawn              LOAD ok                placed: TRAIN            result
   INIT ─────────► AVAILABLE ──► LOADING ──────► WAITING ──────────► TRAINING ───────► FINISHED
-   ▲                  │            │               │  ▲                  │              │   │
-   │                  │            │               │  └──── next round ──┼──────────────┘   │
-   │                  └────────────┴───── EXIT ────┴──────────► EXITED ◄─┼──────────────────┘
-   │                                                 (process gone,      │        (evicted: may load again)
-   │                                                  task not done)     │
-   │        LOADING/TRAINING raise ─► EXCEPTION   out of memory ─► INTERRUPT
-   │        any live state dies unannounced ─► CRASHED   past its deadline ─► TIMEOUT
-   └──────── requeue ◄── EXCEPTION | INTERRUPT | CRASHED | TIMEOUT | EXITED
-             budget spent ─► FAILED          shutdown before the end ─► CANCELLED
+   │ ▲                │            │             ▲  │                  │
+   │ │                │            │             │  └── EXIT ─► EXITED │   (evicted before training:
+   │ │                └─── EXIT ───┼─────────────┼─────────► EXITED    │    queued again)
+   │ └───── adopt a loaded process (federated rounds) ───────────────┘│
+   │                               │                                   │
+   │        LOADING/TRAINING raise ─► EXCEPTION      out of memory ─► INTERRUPT
+   │        any live state dies unannounced ─► CRASHED      past its deadline ─► TIMEOUT
+   └──── requeue ◄── EXCEPTION | INTERRUPT | CRASHED | TIMEOUT | EXITED
+         budget spent ─► FAILED             shutdown before the end ─► CANCELLED
 ```
 
 INIT ─► WAITING: in a federated run a client's process stays loaded between rounds, and the next round's
-task adopts it instead of starting and loading a new one.
+task adopts it instead of starting and loading a new one. FINISHED ─► TRAINING and FINISHED ─► EXITED are
+allowed for a task that keeps its own process across several TRAINs.
 
 FINISHED, FAILED and CANCELLED are the outcomes a record can end with. FINISHED is not final in a
 federated run: the same loaded process trains again in the next round.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal
 
 from fedsup.errors import ConfigError
 
@@ -21,13 +23,13 @@ def parse_bytes(value: int | float | str | None, field: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{field}: expected a size such as 512MiB or 2GiB, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(f"{field}: a size cannot be negative, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{field}: a size must be a finite number >= 0, got {value!r}")
         return int(value)
     if isinstance(value, str):
         match = _SIZE.match(value)
         if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            return int(Decimal(match.group(1)) * _UNITS[match.group(2).lower()])
     raise ConfigError(
         f"{field}: expected a size such as 512MiB, 2GiB or 1.5GB (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
         f"got {value!r}"
