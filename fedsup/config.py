@@ -349,6 +349,7 @@ class SupervisorConfig(_Section):
     start_method: Literal["forkserver", "spawn"] = "forkserver"
     memory_margin: Size = 256 * 1024**2
     cuda_context_memory: Size = 500 * 1024**2
+    enforce_memory: bool = False
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     @model_validator(mode="after")
@@ -874,6 +875,7 @@ def supervisor_kwargs(config: RunConfig) -> dict[str, Any]:
         "start_method": sup.start_method,
         "memory_margin": sup.memory_margin,
         "cuda_context_memory": sup.cuda_context_memory,
+        "enforce_memory": sup.enforce_memory,
         "load_timeout": sup.timeouts.load,
         "train_timeout": sup.timeouts.train,
         "faults": None if faults is None else FaultPlan(

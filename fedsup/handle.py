@@ -40,6 +40,7 @@ class TaskHandle:
         self.status = TaskStatus.INIT
         self.listener = listener
         self.estimate_cuda = task.estimate_cuda_memory
+        self.estimate_host = task.estimate_memory
         self.failures = 0           # spent from max_retries: exceptions, crashes, timeouts
         self.interrupts = 0         # spent from max_interrupts: out of memory, host or GPU
         self.faults_injected = 0
@@ -122,7 +123,7 @@ class TaskHandle:
             cpu_time=sum(p.cpu_time for p in phases),
             peak_memory=max(peaks, default=None),
             peak_gpu_memory=max(gpu_peaks, default=None),
-            estimate_memory=self.task.estimate_memory,
+            estimate_memory=self.estimate_host,
             estimate_cuda_memory=self.estimate_cuda,
             load=last.load if last else None,
             train=last.train if last else None,

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fedsup.errors import ConfigError
-from fedsup.records import TaskRecord
+from fedsup.records import AttemptRecord, PhaseRecord, TaskRecord
 from fedsup.rundir import write_atomic
 from fedsup.units import format_bytes
 
@@ -37,13 +37,15 @@ MAX_FAILURE_ROWS = 200
 MAX_ERROR_CHARS = 400
 MAX_BARS = 40_000      # timeline bars; beyond this, phases a few pixels apart are merged (page size)
 MAX_TITLE_PHASES = 8
-TOP_MEMORY_BARS = 25   # beyond this many tasks the memory chart shows the largest and a histogram
+ALL_MEMORY_BARS = 30   # up to this many tasks the memory chart has a bar for each
+TOP_MEMORY_BARS = 15   # beyond, a bar for each of the largest, and histograms of all
 SLOWEST = 10
 
 # Colours: the timeline's phases, failure marks, memory bars, metric series.
 START_COLOUR = "#c7ccd4"
 LOAD_COLOUR = "#5b8def"
 TRAIN_COLOUR = "#2e9e6a"
+EVAL_COLOUR = "#d9a21b"
 FAIL_COLOUR = "#d62728"
 HOST_COLOUR = "#f29e38"
 GPU_COLOUR = "#7b5cc4"
@@ -160,9 +162,9 @@ def _read_config(run: RunData) -> str | None:
 
 @dataclass
 class Span:
-    """One bar of the timeline: a process starting, a load phase or a train phase."""
+    """One bar of the timeline: a process starting, or a load, train or evaluate phase."""
 
-    kind: str            # "start" | "load" | "train"
+    kind: str            # "start" | "load" | "train" | "evaluate"
     start: float
     end: float
     failed: bool = False
@@ -242,9 +244,9 @@ def _attempts_from_record(record: TaskRecord) -> list[Attempt]:
     attempts = []
     for entry in record.history:
         attempt = Attempt(record.task_id, entry.attempt, entry.device, status=entry.status.value)
-        for phase in (entry.load, entry.train):
-            if phase is not None:
-                attempt.spans.append(Span(phase.phase, phase.started, phase.started + phase.duration))
+        for phase in _phases(entry):
+            kind = phase.phase if phase.phase in ("load", "evaluate") else "train"
+            attempt.spans.append(Span(kind, phase.started, phase.started + phase.duration))
         if entry.status.value in ATTEMPT_FAILED:
             attempt.failed_at = entry.ended or (attempt.spans[-1].end if attempt.spans else entry.started)
             if attempt.spans:
@@ -252,6 +254,13 @@ def _attempts_from_record(record: TaskRecord) -> list[Attempt]:
         _note_error(attempt, entry.error)
         attempts.append(attempt)
     return attempts
+
+
+def _phases(entry: AttemptRecord) -> list[PhaseRecord]:
+    """The attempt's phases in the order they ran (records of older runs lack the federated ones)."""
+    names = ("load", "train", "evaluate", "initial_state")
+    phases = [getattr(entry, name, None) for name in names]
+    return sorted((p for p in phases if p is not None), key=lambda p: p.started)
 
 
 def _note_error(attempt: Attempt, error: Any) -> None:
@@ -267,6 +276,9 @@ def _refine(attempt: Attempt, record: TaskRecord | None) -> None:
         return
     attempt.device = attempt.device or entry.device
     _note_error(attempt, entry.error)
+    if getattr(entry, "evaluate", None) is not None and entry.train is None:
+        for span in attempt.spans:  # the log says TRAINING for every method; the record says which ran
+            span.kind = "evaluate" if span.kind == "train" else span.kind
     load = next((s for s in attempt.spans if s.kind == "load"), None)
     if load is None or entry.load is None:
         return
@@ -412,9 +424,13 @@ def _run_bounds(run: RunData, attempts: list[Attempt]) -> tuple[float, float]:
     times = [float(e["time"]) for e in run.events + run.run_events if _is_number(e.get("time"))]
     times += [t for a in attempts for s in a.spans for t in (s.start, s.end)]
     times += [float(r[k]) for r in run.rounds for k in ("started", "ended") if _is_number(r.get(k))]
-    started = summary.get("started") if _is_number(summary.get("started")) else min(times, default=0.0)
-    ended = summary.get("ended") if _is_number(summary.get("ended")) else max(times, default=started)
-    return float(started), max(float(ended), max(times, default=started))
+    started = _number_or(summary.get("started"), min(times, default=0.0))
+    ended = _number_or(summary.get("ended"), max(times, default=started))
+    return started, max(ended, max(times, default=started))
+
+
+def _number_or(value: Any, default: float) -> float:
+    return float(value) if _is_number(value) else default
 
 
 def _rounds_completed(run: RunData) -> int:
@@ -611,7 +627,7 @@ def text_width(value: str, size: float = 11.0) -> float:
 # ---------------------------------------------------------------- the device timeline
 
 WIDTH = 1100  # the page's content width at 1280 px: charts are drawn 1:1, never scaled down
-LANE_LABEL = 118
+LANE_LABEL = 118.0
 
 
 def _lane_key(device: str) -> tuple[int, list[Any]]:
@@ -678,7 +694,9 @@ def render_timeline(d: Digest, run: RunData) -> str:
     axis = _time_axis(scale, y + 2)
     note = (f'<p class="note">{sum(len(a.spans) for a in d.attempts):,} phases: phases of an attempt less than '
             f"{merged_px:g} px apart are drawn as one bar to keep the page small.</p>" if merged_px else "")
-    return note + svg("timeline", WIDTH, y + 38, [*backgrounds, bands, *body, axis, _timeline_legend(6)],
+    evaluates = any(s.kind == "evaluate" for a in attempts for s in a.spans)
+    legend = _timeline_legend(6, evaluates)
+    return note + svg("timeline", WIDTH, y + 38, [*backgrounds, bands, *body, axis, legend],
                       "device timeline: load and train phases of every attempt, per device")
 
 
@@ -766,7 +784,7 @@ def _attempt_label(attempt: Attempt, y: float, bar_h: float, scale: Scale, origi
 def _attempt_title(attempt: Attempt, origin: float) -> str:
     lines = [f"{attempt.task} · attempt {attempt.number} · {attempt.device or 'not placed'} · {attempt.status}"]
     for span in attempt.spans[:MAX_TITLE_PHASES]:
-        what = {"start": "process start", "load": "load()", "train": "train()"}[span.kind]
+        what = "process start" if span.kind == "start" else f"{span.kind}()"
         tail = " (still running when the log ends)" if span.open else (" (failed)" if span.failed else "")
         lines.append(f"{what}: {span.start - origin:.2f}–{span.end - origin:.2f} s, "
                      f"{fmt_seconds(span.end - span.start)}{tail}")
@@ -812,10 +830,11 @@ def _time_axis(scale: Scale, y: float) -> str:
     return "".join(parts)
 
 
-def _timeline_legend(y: float) -> str:
-    items = [("process start", START_COLOUR, ""), ("load", LOAD_COLOUR, ""), ("train", TRAIN_COLOUR, ""),
-             ("failed attempt", TRAIN_COLOUR, ' class="bar failed"'),
-             ("still running when the log ends", "#ffffff", ' class="bar open"')]
+def _timeline_legend(y: float, evaluates: bool) -> str:
+    items = [("process start", START_COLOUR, ""), ("load", LOAD_COLOUR, ""), ("train", TRAIN_COLOUR, "")]
+    items += [("evaluate", EVAL_COLOUR, "")] if evaluates else []
+    items += [("failed attempt", TRAIN_COLOUR, ' class="bar failed"'),
+              ("still running when the log ends", "#ffffff", ' class="bar open"')]
     parts, x = [], LANE_LABEL
     for label, colour, extra in items:
         parts.append(rect(x, y, 22, 12, colour, extra))
@@ -917,7 +936,7 @@ def render_memory(tasks: list[TaskView]) -> str:
     if not measured:
         return '<p class="note">No task records with memory measurements.</p>'
     ranked = sorted(measured, key=lambda t: (-(t.peak_memory or 0), -(t.peak_gpu_memory or 0), t.task))
-    shown = ranked[:TOP_MEMORY_BARS]
+    shown = ranked if len(ranked) <= ALL_MEMORY_BARS else ranked[:TOP_MEMORY_BARS]
     limit = max(max(t.peak_memory or 0, t.peak_gpu_memory or 0, t.estimate_memory) for t in shown)
     unit, factor = _byte_unit(limit)
     ticks = nice_ticks(0.0, limit / factor, 6, cover=True)
@@ -1110,6 +1129,7 @@ svg .wait { stroke: #9aa3ad; stroke-width: 1; stroke-dasharray: 2 2; }
 svg .bar.start { fill: $start; }
 svg .bar.load { fill: $load; }
 svg .bar.train { fill: $train; }
+svg .bar.evaluate { fill: $evaluate; }
 svg .bar.failed { stroke: $fail; stroke-width: 2; }
 svg .bar.open { stroke: #1f2933; stroke-width: 1.2; stroke-dasharray: 3 2; }
 svg .cross { stroke: $fail; stroke-width: 2.2; stroke-linecap: round; fill: none; }
@@ -1139,7 +1159,8 @@ footer { color: var(--muted); font-size: 12px; margin-top: 20px; text-align: cen
 def render_html(run: RunData) -> str:
     """The whole report as one self-contained HTML page."""
     d = digest(run)
-    css = CSS.substitute(start=START_COLOUR, load=LOAD_COLOUR, train=TRAIN_COLOUR, fail=FAIL_COLOUR)
+    css = CSS.substitute(start=START_COLOUR, load=LOAD_COLOUR, train=TRAIN_COLOUR, evaluate=EVAL_COLOUR,
+                         fail=FAIL_COLOUR)
     sections = [
         _section("Device timeline", _timeline_hint(d), render_timeline(d, run)),
         _section("Metrics per round", "From rounds.jsonl: each round's train_metrics and eval_metrics, and how "

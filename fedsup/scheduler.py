@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import signal
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -30,12 +31,24 @@ from fedsup.rundir import RunDir, tail_lines
 from fedsup.runtime import Exited, Message, Runtime, Signalled
 from fedsup.states import OUTCOMES, TaskStatus
 from fedsup.task import Task
-from fedsup.units import format_bytes
+from fedsup.units import format_bytes, parse_bytes
 from fedsup.worker import ChildSpec
 
 log = logging.getLogger(__name__)
 S = TaskStatus
 _KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL once the grace period is over
+
+
+_REQUEST = re.compile(r"(?:Unable to allocate|tried to allocate) ([\d.]+) ?(bytes|[KMGT]i?B)", re.IGNORECASE)
+
+
+def requested_bytes(message: str) -> int:
+    """The size a failed allocation asked for, where numpy or torch says it; else 0."""
+    match = _REQUEST.search(message)
+    if match is None:
+        return 0
+    unit = match.group(2)
+    return parse_bytes(f"{match.group(1).rstrip('.')}{'' if unit == 'bytes' else unit}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ class Policy:
     grace_period: float = 5.0     # after a stop signal: time for EXIT before SIGTERM, then SIGKILL
     faults: FaultPlan | None = None
     keep_loaded: bool = False     # park a finished task's process, loaded, for the same client's next task
+    enforce_memory: bool = False  # hold each task to estimate_memory (RLIMIT_AS over its start size)
 
 
 @dataclass
@@ -127,8 +141,8 @@ class Scheduler:
 
     def _never_fits(self, handle: TaskHandle) -> str | None:
         task = handle.task
-        if self.host_memory is not None and task.estimate_memory > self.host_memory:
-            return (f"estimate_memory {format_bytes(task.estimate_memory)} is more than this machine can give a "
+        if self.host_memory is not None and handle.estimate_host > self.host_memory:
+            return (f"estimate_memory {format_bytes(handle.estimate_host)} is more than this machine can give a "
                     f"task ({format_bytes(self.host_memory)})")
         gpus = [d for d in self.inventory.candidates(task.device) if d.is_gpu]
         if not gpus:
@@ -206,7 +220,7 @@ class Scheduler:
             if len(self.procs) >= self.policy.max_loaded:
                 self._evict_idle()
                 return
-            need = handle.task.estimate_memory
+            need = handle.estimate_host
             if self.host_memory is not None and self.procs and self.host_reserved + need > self.host_memory:
                 self._evict_idle()
                 return  # wait for memory to come back; first in, first out
@@ -248,15 +262,17 @@ class Scheduler:
             directory.mkdir(parents=True, exist_ok=True)
             workdir, stdout, stderr = str(directory), str(directory / "stdout.log"), str(directory / "stderr.log")
             handle.stderr_offset = (directory / "stderr.log").stat().st_size if os.path.exists(stderr) else 0
-        spec = ChildSpec(task.task_id, task.cpus, workdir, stdout, stderr, parent_pid=self.main_pid)
+        limit = handle.estimate_host if (self.policy.enforce_memory and handle.estimate_host) else None
+        spec = ChildSpec(task.task_id, task.cpus, workdir, stdout, stderr, parent_pid=self.main_pid,
+                         memory_limit=limit)
         child = self.runtime.spawn(spec)
         handle.child = child
         handle.kill_reason = None
         handle.timed_out = None
         handle.resident = None
         self.procs[child] = handle
-        self.proc_memory[child] = task.estimate_memory
-        self.host_reserved += task.estimate_memory
+        self.proc_memory[child] = handle.estimate_host
+        self.host_reserved += handle.estimate_host
         handle.begin_attempt()
         handle.transition(S.AVAILABLE)
         fault = self._fault(handle, "load")
@@ -476,6 +492,14 @@ class Scheduler:
             handle.estimate_cuda = min(grown, cap) if cap else grown
             return None
         if error.kind == "host_oom":
+            if policy.enforce_memory and handle.estimate_host:
+                cap = self.host_memory or handle.estimate_host
+                if handle.estimate_host >= cap:
+                    return (f"needs more host memory than this machine can give a task ({format_bytes(cap)}): it ran "
+                            f"out at an estimate of {format_bytes(handle.estimate_host)}")
+                grown = max(int(handle.estimate_host * policy.oom_growth),
+                            handle.estimate_host + requested_bytes(error.message))
+                handle.estimate_host = min(grown, cap)
             handle.interrupts += 1
             if handle.interrupts > policy.max_interrupts:
                 return f"out of host memory {handle.interrupts} times (max_interrupts={policy.max_interrupts})"

@@ -64,6 +64,7 @@ class Supervisor:
         cuda_context_memory: int | str = DEFAULT_CONTEXT_MEMORY,
         cpus: int | None = None,
         keep_loaded: bool = False,
+        enforce_memory: bool = False,
     ) -> None:
         for name, value in (("max_retries", max_retries), ("max_interrupts", max_interrupts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -94,6 +95,7 @@ class Supervisor:
             grace_period=grace_period,
             faults=faults,
             keep_loaded=keep_loaded,
+            enforce_memory=enforce_memory,
         )
         self.run_dir = run_dir
         self.start_method = start_method

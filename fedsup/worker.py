@@ -25,6 +25,7 @@ from fedsup.messages import Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, Stat
 from fedsup.records import ErrorInfo, ErrorKind, Phase, PhaseRecord
 
 _PR_SET_PDEATHSIG = 1
+_HOST_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
 _CUDA_OOM_MARKERS = (
     "CUDA out of memory",
     "CUBLAS_STATUS_ALLOC_FAILED",
@@ -45,6 +46,7 @@ class ChildSpec:
     stderr: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     parent_pid: int | None = None
+    memory_limit: int | None = None   # bytes the process may grow by (address space), or None
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -90,6 +92,18 @@ def setup_child(spec: ChildSpec) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(spec.cpus)
+    if spec.memory_limit:
+        limit_memory(spec.memory_limit)
+
+
+def limit_memory(extra: int) -> None:
+    """Let the address space grow by ``extra`` bytes from here: beyond, allocations fail with MemoryError
+    (numpy, Python) or torch's "can't allocate memory", which the supervisor treats as memory pressure."""
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = size + extra
+    resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
 # ---------------------------------------------------------------- measurement
@@ -226,12 +240,13 @@ def classify(exc: BaseException) -> ErrorKind:
     """Which retry budget an exception spends. Out-of-memory is a resource problem, not a bug."""
     if isinstance(exc, ResultContractError):
         return "bad_result"
-    if isinstance(exc, MemoryError):
+    runtime_error = str(exc) if isinstance(exc, RuntimeError) else ""
+    if isinstance(exc, MemoryError) or any(m in runtime_error for m in _HOST_OOM_MARKERS):
         return "host_oom"
     if isinstance(exc, SystemExit):
         return "exit"
     name = type(exc).__name__
-    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CUDA_OOM_MARKERS)):
+    if name == "OutOfMemoryError" or any(m in runtime_error for m in _CUDA_OOM_MARKERS):
         return "cuda_oom"
     return "exception"
 

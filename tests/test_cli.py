@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from test_config import CATALOG, FILES
 
 from fedsup.cli import main
 from fedsup.config import ConfigError
-from test_config import CATALOG, FILES
 
 HERE = Path(__file__).resolve().parent
 
