@@ -39,7 +39,7 @@ from fedsup.aggregation import ClientUpdate, Strategy, weighted_metrics
 from fedsup.errors import RunDirError, RunFailed, TaskContractError
 from fedsup.messages import StateRef
 from fedsup.records import TaskRecord
-from fedsup.rundir import write_atomic, write_json
+from fedsup.rundir import read_records, write_atomic, write_json
 from fedsup.scheduler import Job
 from fedsup.states import TaskStatus
 from fedsup.supervisor import Session, Supervisor
@@ -133,6 +133,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 break
             raise RunDirError(f"{path}: line {number} is not JSON ({exc.msg}); the file is damaged") from exc
     return out
+
+
+def readable(path: Path) -> bool:
+    """Whether a saved update can be used on resume; a damaged one is run again rather than trusted."""
+    if not path.exists():
+        return False
+    try:
+        torch.load(path, mmap=True, weights_only=True)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any damage means the same: do the work again
+        log.warning("%s is damaged (%s); that client trains again", path, exc)
+        return False
 
 
 class SharedMemory:
@@ -329,7 +341,7 @@ class Federation:
             task_id = self._task_id(round_, i)
             path = update_dir / f"client-{i}.pt"
             previous = session.run_dir.read_record(task_id) if session.run_dir else None
-            if previous is not None and previous.ok and path.exists():
+            if previous is not None and previous.ok and readable(path):
                 records[i] = previous  # finished before the run was killed: never run twice
                 result.resumed.append(task_id)
                 continue
@@ -392,7 +404,7 @@ class Federation:
         self._summary("running")
 
     def _summary(self, status: str) -> dict[str, Any]:
-        records = [TaskRecord.model_validate_json(p.read_bytes()) for p in (self.path / "tasks").glob("*/record.json")]
+        records = read_records(self.path)
         last = self.rounds[-1] if self.rounds else None
         summary = {
             "name": self.spec.name,

@@ -424,7 +424,9 @@ def _run_bounds(run: RunData, attempts: list[Attempt]) -> tuple[float, float]:
     times = [float(e["time"]) for e in run.events + run.run_events if _is_number(e.get("time"))]
     times += [t for a in attempts for s in a.spans for t in (s.start, s.end)]
     times += [float(r[k]) for r in run.rounds for k in ("started", "ended") if _is_number(r.get(k))]
-    started = _number_or(summary.get("started"), min(times, default=0.0))
+    first = min(times, default=math.inf)
+    started = min(_number_or(summary.get("started"), first), first)
+    started = 0.0 if started == math.inf else started
     ended = _number_or(summary.get("ended"), max(times, default=started))
     return started, max(ended, max(times, default=started))
 
@@ -797,7 +799,7 @@ def _attempt_title(attempt: Attempt, origin: float) -> str:
 
 def _round_bands(rounds: list[tuple[int, float, float]], origin: float, scale: Scale, top: float,
                  bottom: float) -> str:
-    """Each round as a bracket above the lanes and a faint band over them, drawn on top of the lanes."""
+    """Each round as a bracket above the lanes and a faint band across them (under the bars)."""
     parts = []
     for number, start, end in rounds:
         x0, x1 = scale(start - origin), scale(end - origin)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -22,6 +23,7 @@ from typing import IO, Any
 
 from fedsup.records import TaskRecord
 
+log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -64,6 +66,22 @@ def tail_lines(path: Path, offset: int = 0, lines: int = 20, max_bytes: int = 64
     return text.splitlines()[-lines:]
 
 
+def read_record(path: Path) -> TaskRecord | None:
+    if not path.exists():
+        return None
+    try:
+        return TaskRecord.model_validate_json(path.read_bytes())
+    except ValueError as exc:
+        log.warning("%s is damaged (%s); it is not used", path, str(exc).splitlines()[0])
+        return None
+
+
+def read_records(run_dir: Path) -> list[TaskRecord]:
+    """Every readable task record of a run directory; damaged ones are named in the log and left out."""
+    found = (read_record(p) for p in sorted((run_dir / "tasks").glob("*/record.json")))
+    return [r for r in found if r is not None]
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).resolve()
@@ -88,10 +106,8 @@ class RunDir:
         write_atomic(path, (record.model_dump_json(indent=2) + "\n").encode())
 
     def read_record(self, task_id: str) -> TaskRecord | None:
-        path = self.task_dir(task_id) / "record.json"
-        if not path.exists():
-            return None
-        return TaskRecord.model_validate_json(path.read_bytes())
+        """The task's record, or None when there is none or it is damaged (the task then runs again)."""
+        return read_record(self.task_dir(task_id) / "record.json")
 
     def close(self) -> None:
         if not self._events.closed:

@@ -99,6 +99,7 @@ class Scheduler:
         self.idle_resident: dict[Child, str | None] = {}
         self.exit_deadlines: dict[Child, tuple[float, int]] = {}  # told to exit: (when to escalate, stage)
         self.outstanding = 0                                    # submitted handles without an outcome
+        self.peak_procs = 0                                     # the most processes alive at once
         self.host_reserved = 0
         self.training = 0
         self.stop_signal: int | None = None
@@ -271,6 +272,7 @@ class Scheduler:
         handle.timed_out = None
         handle.resident = None
         self.procs[child] = handle
+        self.peak_procs = max(self.peak_procs, len(self.procs))
         self.proc_memory[child] = handle.estimate_host
         self.host_reserved += handle.estimate_host
         handle.begin_attempt()
