@@ -106,6 +106,17 @@ def kill_group(pid: int, sig: int) -> None:
             pass
 
 
+def reap_group(pgid: int) -> None:
+    """Kill what a finished task process left running in its group (helpers it started and did not stop).
+
+    Only the group: the leader's pid is not signalled, since it may already belong to another process.
+    """
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def warm_torch() -> None:
     """Pay torch's first-use costs once, in the server, on one thread so no OpenMP pool exists to inherit."""
     import torch.nn.functional as F  # noqa: N812

@@ -67,8 +67,15 @@ class PhaseFailed:
 
 
 @dataclass(frozen=True)
+class Began:
+    """The child has its task and starts load(): the load deadline counts from here."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
 class Bye:
     """The child is about to exit on purpose; any other death is a crash."""
 
 
-Status = PhaseDone | PhaseFailed | Bye
+Status = Began | PhaseDone | PhaseFailed | Bye

@@ -12,11 +12,20 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
-from fedsup.launch import Child, ExitInfo, ForkServerLauncher, SpawnLauncher
+from fedsup.launch import Child, ExitInfo, ForkServerLauncher, SpawnLauncher, reap_group
 from fedsup.messages import Command
 from fedsup.worker import ChildSpec
+
+
+class CommandNotPicklable(Exception):
+    """A command (in practice: a task object) cannot be pickled to its process."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,16 @@ class ProcessRuntime:
         return self.launcher.spawn(spec)
 
     def send(self, child: Child, command: Command) -> bool:
+        """False when the child is gone (its exit is on its way); CommandNotPicklable for a bad payload."""
         try:
-            child.conn.send(command)
+            data = ForkingPickler.dumps(command)
+        except Exception as exc:  # noqa: BLE001 - pickle raises many types for the same problem
+            raise CommandNotPicklable(exc) from exc
+        try:
+            child.conn.send_bytes(data)
             return True
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            return False  # the child is gone; its exit is on its way
+        except OSError:
+            return False
 
     def kill(self, child: Child, sig: int) -> None:
         child.kill(sig)
@@ -131,6 +145,8 @@ class ProcessRuntime:
         events = self._drain(child)
         self._closed.discard(id(child))
         child.conn.close()
+        if child.pid is not None:
+            reap_group(child.pid)
         events.append(Exited(child, info))
         return events
 

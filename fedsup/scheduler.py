@@ -25,10 +25,10 @@ from fedsup.devices import Device, Inventory
 from fedsup.faults import FaultPlan
 from fedsup.handle import TaskHandle
 from fedsup.launch import Child, ExitInfo, signal_name
-from fedsup.messages import Bye, Exit, Load, PhaseDone, PhaseFailed, Train
+from fedsup.messages import Began, Bye, Exit, Load, PhaseDone, PhaseFailed, Train
 from fedsup.records import ErrorInfo, ErrorKind, TaskRecord
 from fedsup.rundir import RunDir, tail_lines
-from fedsup.runtime import Exited, Message, Runtime, Signalled
+from fedsup.runtime import CommandNotPicklable, Exited, Message, Runtime, Signalled
 from fedsup.states import OUTCOMES, TaskStatus
 from fedsup.task import Task
 from fedsup.units import format_bytes, parse_bytes
@@ -37,6 +37,7 @@ from fedsup.worker import ChildSpec
 log = logging.getLogger(__name__)
 S = TaskStatus
 _KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL once the grace period is over
+_STARTUP_ALLOWANCE = 60.0  # added to load_timeout until the child reports it has begun loading
 
 
 _REQUEST = re.compile(r"(?:Unable to allocate|tried to allocate) ([\d.]+) ?(bytes|[KMGT]i?B)", re.IGNORECASE)
@@ -278,9 +279,17 @@ class Scheduler:
         handle.begin_attempt()
         handle.transition(S.AVAILABLE)
         fault = self._fault(handle, "load")
-        self._set_deadline(handle, "load", self.policy.load_timeout)
-        self.runtime.send(child, Load(task, fault))
+        # until the child says it has begun: the process may wait for a fork server still warming up
+        timeout = self.policy.load_timeout
+        self._set_deadline(handle, "load", None if timeout is None else timeout + _STARTUP_ALLOWANCE)
         handle.transition(S.LOADING, fault=fault)
+        try:
+            self.runtime.send(child, Load(task, fault))
+        except CommandNotPicklable as exc:
+            error = ErrorInfo(kind="unpicklable", type=type(exc.cause).__name__, phase="load",
+                              message=f"the task object cannot be pickled to its process: {exc.cause}")
+            self._release(handle)
+            self._fail_attempt(handle, S.EXCEPTION, error)
 
     def dispatch(self) -> None:
         if self.stop_signal is not None:
@@ -300,6 +309,8 @@ class Scheduler:
     def train(self, handle: TaskHandle, device: Device) -> None:
         assert handle.child is not None
         handle.device = device
+        if handle.attempt is not None:
+            handle.attempt.device = device.name
         self.training += 1
         if device.is_gpu and handle.child.pid is not None:
             device.pids[handle.task_id] = handle.child.pid
@@ -393,6 +404,11 @@ class Scheduler:
             error.estimate_cuda_memory = handle.estimate_cuda
             status = S.INTERRUPT if error.kind in ("cuda_oom", "host_oom") else S.EXCEPTION
             self._fail_attempt(handle, status, error)
+        elif isinstance(message, Began):
+            if handle.attempt is not None:
+                handle.attempt.pid = message.pid
+            if handle.status is S.LOADING and self.policy.load_timeout is not None:
+                handle.deadline = self.runtime.now() + self.policy.load_timeout
         elif isinstance(message, Bye):
             pass
         elif isinstance(message, Exception):
@@ -412,6 +428,8 @@ class Scheduler:
             return  # a detached process that exited as told
         self._release(handle)
         handle.child = None
+        if handle.attempt is not None and handle.attempt.pid is None:
+            handle.attempt.pid = child.pid
         if self.stop_signal is not None and handle.kill_reason != "timeout":
             self._cancel(handle, f"the run was stopped by {signal_name(self.stop_signal)}")
             return
@@ -481,6 +499,8 @@ class Scheduler:
         policy = self.policy
         if error.kind == "bad_result":
             return "its result breaks the federated contract; retrying would not change it"
+        if error.kind == "unpicklable" and error.phase == "load":
+            return "the task object cannot be pickled; retrying would not change it"
         if error.kind == "cuda_oom":
             cap = max((self.inventory.capacity(d) for d in self.inventory.candidates(handle.task.device)
                        if d.is_gpu), default=0)

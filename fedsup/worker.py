@@ -8,6 +8,7 @@ the parent's size in a forked child), CPU time is a getrusage delta, GPU peak is
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import resource
 import signal
@@ -21,7 +22,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from fedsup.messages import Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, StateRef, Train
+from fedsup.messages import Began, Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, StateRef, Train
 from fedsup.records import ErrorInfo, ErrorKind, Phase, PhaseRecord
 
 _PR_SET_PDEATHSIG = 1
@@ -86,9 +87,13 @@ def setup_child(spec: ChildSpec) -> None:
     if spec.stdout:
         sys.stdout.flush()
         _redirect(spec.stdout, 1)
+        # the parent's sys.stdout may be a stand-in (pytest's capture, a notebook's stream): use the file
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
     if spec.stderr:
         sys.stderr.flush()
         _redirect(spec.stderr, 2)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
+                                      errors="backslashreplace")
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(spec.cpus)
@@ -324,6 +329,7 @@ class Worker:
         self.send(PhaseDone(phase, meter.record(), result))
 
     def load(self, command: Load) -> None:
+        self.send(Began(os.getpid()))
         self.task = command.task
         self.run_phase("load", None, command.fault, self.task.load)
 

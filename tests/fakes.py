@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from fedsup.launch import ExitInfo
-from fedsup.messages import Bye, Exit, Load, PhaseDone, PhaseFailed, Train
+from fedsup.messages import Began, Bye, Exit, Load, PhaseDone, PhaseFailed, Train
 from fedsup.records import ErrorInfo, PhaseRecord
 from fedsup.runtime import Exited, Message, Signalled
 
@@ -251,6 +251,7 @@ class FakeRuntime:
             return True   # hung: the command sits in the pipe forever
         b = child.behaviour
         if isinstance(command, Load):
+            self._queue(start, Message(child, Began(child.pid)), child)  # as the worker does, before load()
             step = _fault_step(command.fault, "load") or b.load
             self._phase(child, "load", step, start, None)
         elif isinstance(command, Train):

@@ -496,6 +496,8 @@ def test_load_done_racing_its_timeout_kill():
     sched.submit([T("t")])
     sched.admit()
     (child,) = rt.children
+    for event in rt.wait(list(sched.procs), 0):  # the child's "began": the load deadline counts from here
+        sched.handle_event(event)
     rt.clock = 5.0
     sched.check_deadlines()
     assert rt.kills() == [(5.0, signal.SIGKILL)]
@@ -513,6 +515,8 @@ def test_load_done_racing_its_timeout_kill_across_two_waits():
     sched.submit([T("t")])
     sched.admit()
     (child,) = rt.children
+    for event in rt.wait(list(sched.procs), 0):  # the child's "began": the load deadline counts from here
+        sched.handle_event(event)
     rt.clock = 5.0
     sched.check_deadlines()
     record = PhaseRecord(phase="load", started=0.0, duration=5.0, cpu_time=1.0)
@@ -681,6 +685,8 @@ def test_the_fake_child_handles_commands_in_order_and_dies_for_good():
     assert (child.conn, child.sentinel(), child.poll_exit(), child.attempt) == (None, None, None, 1)
     rt.send(child, Load(None))
     rt.send(child, Exit())                      # queued behind the load, as in a real pipe
+    began = rt.wait([child], 10.0)              # the worker says it began before load() runs
+    assert [type(e.message).__name__ for e in began] == ["Began"] and rt.now() == 0.0
     events = rt.wait([child], 10.0)
     assert rt.now() == 1.0
     assert [type(e).__name__ for e in events] == ["Message", "Message", "Exited"]
@@ -691,8 +697,8 @@ def test_the_fake_child_handles_commands_in_order_and_dies_for_good():
     other = rt.spawn(ChildSpec("t"))
     assert other.attempt == 2
     rt.send(other, Load(None))
-    other.kill(signal.SIGKILL)                  # the reply it would have sent never comes
-    assert [type(e).__name__ for e in rt.wait([other], 10.0)] == ["Exited"]
+    other.kill(signal.SIGKILL)                  # "began" was out; the load's reply never comes
+    assert [type(e).__name__ for e in rt.wait([other], 10.0)] == ["Message", "Exited"]
     assert other.exit == ExitInfo(None, signal.SIGKILL) and rt.now() == 1.0
     assert rt.kills() == [(1.0, signal.SIGKILL)]
 

@@ -1,0 +1,313 @@
+"""Toy tasks for the real-process tests: each one fails (or behaves) in one precise way.
+
+They live in an importable module, not in a test file, because the supervisor pickles a task by reference
+to its class: the fork server (forked from the test process) and ``spawn`` children (which re-import it
+from ``sys.path``) must both find ``toys.<Class>``.
+
+Every attempt of a task is a new process, so a toy that must behave differently on its first attempt
+decides through a marker file created atomically (``O_CREAT | O_EXCL``) in a directory the test gives it.
+A toy that lets the test act at a known moment writes one line, ``"<task_id> <pid>"``, into a FIFO the
+test (or a helper process of the test) reads: the test never sleeps to guess when a task is training.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import fedsup
+
+# ---------------------------------------------------------------- helpers run in the task's process
+
+
+def first_time(marker_dir: str, name: str) -> bool:
+    """True exactly once per (directory, name), however many processes ask: the first attempt."""
+    try:
+        fd = os.open(os.path.join(marker_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def announce(fifo: str, task_id: str) -> None:
+    """Tell the reader of ``fifo`` that this task's process is where it should be, and its pid.
+
+    One short write is atomic on a FIFO, so lines of several tasks never interleave. Opening for writing
+    blocks until a reader holds the FIFO open: the task cannot run ahead of the test.
+    """
+    fd = os.open(fifo, os.O_WRONLY)
+    try:
+        os.write(fd, f"{task_id} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def block_forever() -> None:
+    """Never return: only a signal (a timeout's SIGKILL, a shutdown's SIGTERM) ends this process."""
+    threading.Event().wait()
+
+
+def _base(task: fedsup.Task, device: str) -> dict[str, Any]:
+    return {"task_id": task.task_id, "pid": os.getpid(), "device": device}
+
+
+# ---------------------------------------------------------------- tasks that succeed
+
+
+class Ok(fedsup.Task):
+    """Succeeds at once; the result names the process it ran in and the device it was given."""
+
+    def load(self) -> None:
+        self.loaded_in = os.getpid()
+
+    def train(self, device: str) -> dict[str, Any]:
+        return {**_base(self, device), "loaded_in": self.loaded_in, "cwd": os.getcwd()}
+
+
+class Timed(fedsup.Task):
+    """Trains for ``seconds`` (its workload, not a synchronisation) and reports when it started and ended."""
+
+    def __init__(self, task_id: str, seconds: float, **kwargs: Any) -> None:
+        super().__init__(task_id, **kwargs)
+        self.seconds = seconds
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        start = time.time()
+        time.sleep(self.seconds)  # stands for work; the test reads overlaps, it does not wait on this
+        return {**_base(self, device), "start": start, "end": time.time()}
+
+
+class Noisy(fedsup.Task):
+    """Prints to stdout and stderr in both phases; with ``fail`` it raises after printing ``lines`` lines.
+
+    It counts its attempts in ``attempts.txt`` in its working directory, which is the run directory's
+    ``tasks/<task_id>/``, so each stderr line names the attempt that wrote it.
+    """
+
+    def __init__(self, task_id: str, fail: bool = False, lines: int = 3, allocate: int = 0) -> None:
+        super().__init__(task_id)
+        self.fail = fail
+        self.lines = lines
+        self.allocate = allocate
+
+    def load(self) -> None:
+        with open("attempts.txt", "a") as f:
+            f.write("x")
+        with open("attempts.txt") as f:
+            self.attempt = len(f.read())
+        print(f"{self.task_id}: stdout from load, attempt {self.attempt}", flush=True)
+        print(f"{self.task_id}: stderr from load, attempt {self.attempt}", file=sys.stderr, flush=True)
+        if self.allocate:
+            block = b"\x01" * self.allocate  # touched pages: they count in the load phase's peak RSS
+            del block
+
+    def train(self, device: str) -> dict[str, Any]:
+        print(f"{self.task_id}: stdout from train, attempt {self.attempt}", flush=True)
+        for i in range(self.lines):
+            print(f"{self.task_id}: err {self.attempt} {i}", file=sys.stderr, flush=True)
+        if self.fail:
+            raise RuntimeError(f"{self.task_id} fails after printing on attempt {self.attempt}")
+        return {**_base(self, device), "attempt": self.attempt}
+
+
+# ---------------------------------------------------------------- tasks that fail, one way each
+
+
+class RaiseInLoad(fedsup.Task):
+    def load(self) -> None:
+        raise ValueError(f"{self.task_id}: boom in load")
+
+    def train(self, device: str) -> dict[str, Any]:
+        raise AssertionError("train() must not run after load() raised")
+
+
+class RaiseInTrain(fedsup.Task):
+    """Raises in train() on every attempt: the always-failing task."""
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        raise RuntimeError(f"{self.task_id}: boom in train")
+
+
+AlwaysFail = RaiseInTrain
+
+
+class SysExit(fedsup.Task):
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> None:
+        sys.exit(2)
+
+
+class OsExit(fedsup.Task):
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> None:
+        os._exit(3)
+
+
+class Segfault(fedsup.Task):
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> None:
+        # pytest's faulthandler is inherited through the fork server; keep the test log free of its dump.
+        # The process still dies of a plain SIGSEGV either way.
+        faulthandler.disable()
+        ctypes.string_at(0)
+
+
+class SelfKill(fedsup.Task):
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Unpicklable(fedsup.Task):
+    """train() succeeds, but its result cannot travel back to the supervisor."""
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        return {"lock": threading.Lock(), "fn": lambda: None}
+
+
+class CudaOomOnce(fedsup.Task):
+    """Raises torch.cuda.OutOfMemoryError on its first attempt only; never touches CUDA for real."""
+
+    def __init__(self, task_id: str, marker_dir: str, **kwargs: Any) -> None:
+        super().__init__(task_id, **kwargs)
+        self.marker_dir = marker_dir
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        if first_time(self.marker_dir, f"{self.task_id}.oom"):
+            import torch
+
+            raise torch.cuda.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 1.50 GiB (GPU 0; 16.00 GiB total capacity)")
+        return _base(self, device)
+
+
+class CudaOomAlways(fedsup.Task):
+    """Raises torch.cuda.OutOfMemoryError on every attempt."""
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> None:
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class Hang(fedsup.Task):
+    """Blocks forever in ``phase``; with ``marker_dir``, only on its first attempt (then it succeeds)."""
+
+    def __init__(self, task_id: str, phase: str = "train", marker_dir: str | None = None) -> None:
+        super().__init__(task_id)
+        self.phase = phase
+        self.marker_dir = marker_dir
+
+    def _maybe_hang(self, phase: str) -> None:
+        if phase != self.phase:
+            return
+        if self.marker_dir is None or first_time(self.marker_dir, f"{self.task_id}.hang"):
+            block_forever()
+
+    def load(self) -> None:
+        self._maybe_hang("load")
+
+    def train(self, device: str) -> dict[str, Any]:
+        self._maybe_hang("train")
+        return _base(self, device)
+
+
+class KilledOnce(fedsup.Task):
+    """On its first attempt, announces itself on ``fifo`` while training and blocks until someone kills it;
+    on its retry it succeeds. The test (through a helper process) sends that SIGKILL."""
+
+    def __init__(self, task_id: str, fifo: str, marker_dir: str) -> None:
+        super().__init__(task_id)
+        self.fifo = fifo
+        self.marker_dir = marker_dir
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        if first_time(self.marker_dir, f"{self.task_id}.killed"):
+            announce(self.fifo, self.task_id)
+            block_forever()
+        return _base(self, device)
+
+
+class Blocker(fedsup.Task):
+    """Announces itself on ``fifo`` once training, then blocks until the run shuts it down."""
+
+    def __init__(self, task_id: str, fifo: str, **kwargs: Any) -> None:
+        super().__init__(task_id, **kwargs)
+        self.fifo = fifo
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> None:
+        announce(self.fifo, self.task_id)
+        block_forever()
+
+
+class WithHelper(fedsup.Task):
+    """Starts a helper process of its own in train() (as a data loader might), announces the helper's pid
+    on ``fifo``, then ``then``: "hang" (until a timeout kills it), "exit" (os._exit(3), a crash) or
+    "return" (succeeds, leaving the helper running)."""
+
+    def __init__(self, task_id: str, fifo: str, then: str) -> None:
+        super().__init__(task_id)
+        self.fifo = fifo
+        self.then = then
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        import subprocess
+
+        helper = subprocess.Popen([sys.executable, "-c", "import threading; threading.Event().wait()"])
+        fd = os.open(self.fifo, os.O_WRONLY)
+        try:
+            os.write(fd, f"{self.task_id} {helper.pid}\n".encode())
+        finally:
+            os.close(fd)
+        if self.then == "hang":
+            block_forever()
+        if self.then == "exit":
+            os._exit(3)
+        return {**_base(self, device), "helper": helper.pid}
+
+
+class UnpicklableTask(Ok):
+    """Breaks the Task contract: it holds unpicklable state before load(), so it cannot reach its process."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.lock = threading.Lock()
