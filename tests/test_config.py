@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import pickle
 import sys
 import uuid
@@ -499,7 +500,11 @@ def check_outcome(source: Any, overrides: list[str]) -> None:
     assert load_config(yaml.safe_load(to_yaml(config))) == config
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# bench/soak.py raises this for the long fuzz (docs/reliability.md)
+FUZZ_EXAMPLES = int(os.environ.get("FEDSUP_FUZZ_EXAMPLES", "200"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     mutations=st.lists(
         st.tuples(st.sampled_from(PATHS), st.sampled_from(["delete", "replace", "add"]), json_values), max_size=4),
@@ -522,7 +527,7 @@ yaml_texts = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=yaml_texts)
 def test_random_yaml_loads_or_raises_config_error(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
     path = tmp_path_factory.getbasetemp() / "fuzz.yaml"

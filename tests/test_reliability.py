@@ -11,18 +11,17 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import torch
 import yaml
 
 import fedsup
 import fedsup.rundir
+from fedsup.chaos import Killer, differing_checkpoints, finished_twice, read_events
 from fedsup.cli import main as cli_main
 
 HERE = Path(__file__).resolve().parent
@@ -55,28 +54,6 @@ def fedsup_run(config: dict[str, Any], path: Path, *extra: str) -> subprocess.Po
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def checkpoints_equal(a: Path, b: Path, rounds: int) -> None:
-    for name in [f"round-{r}.pt" for r in range(1, rounds + 1)] + ["final.pt"]:
-        x = torch.load(a / "checkpoints" / name, weights_only=True)
-        y = torch.load(b / "checkpoints" / name, weights_only=True)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f"{name} differs"
-
-
-def events(run: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in (run / "events.jsonl").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # the torn line a killed writer leaves
-    return out
-
-
-def finished_twice(run: Path) -> list[str]:
-    counts = Counter(e["task"] for e in events(run) if e.get("status") == "FINISHED")
-    return [task for task, n in counts.items() if n > 1]
-
-
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same federated run with nothing going wrong: the model every faulted run must end with."""
@@ -87,36 +64,6 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "run"
 
 
-class Killer(threading.Thread):
-    """SIGKILLs random task processes of a running supervisor (the fork server too, once) on a seeded
-    schedule, as an outside process or the kernel's OOM killer would."""
-
-    def __init__(self, supervisor_pid: int, kills: int, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.supervisor = psutil.Process(supervisor_pid)
-        self.kills, self.rng, self.done = kills, random.Random(seed), threading.Event()
-        self.killed: list[str] = []
-
-    def run(self) -> None:
-        server_killed = False
-        while len(self.killed) < self.kills and not self.done.wait(self.rng.uniform(0.3, 1.2)):
-            try:
-                servers = self.supervisor.children()
-                tasks = [p for s in servers for p in s.children()]
-            except psutil.NoSuchProcess:
-                return
-            targets = tasks if (server_killed or len(self.killed) < self.kills // 2) else servers
-            if not targets:
-                continue
-            victim = self.rng.choice(targets)
-            try:
-                victim.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                continue
-            server_killed = server_killed or victim in servers
-            self.killed.append("server" if victim in servers else "task")
-
-
 @pytest.mark.timeout(600)
 def test_chaos_every_round_completes_and_the_model_is_unchanged(tmp_path: Path, plain_run: Path) -> None:
     faults = {"probability": 0.3, "seed": 5, "kinds": ["exception", "exit", "sigkill", "cuda_oom", "hang"],
@@ -125,16 +72,15 @@ def test_chaos_every_round_completes_and_the_model_is_unchanged(tmp_path: Path, 
     killer = Killer(process.pid, kills=10, seed=3)
     killer.start()
     _, err = process.communicate(timeout=500)
-    killer.done.set()
-    killer.join()
+    killer.stop()
     assert process.returncode == 0, err.decode()[-3000:]
     run = tmp_path / "run"
     rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert all(not r["failed"] and len(r["finished"]) == 10 for r in rounds)
-    checkpoints_equal(plain_run, run, 4)
-    statuses = Counter(e.get("status") for e in events(run))
-    injected = sum(1 for e in events(run) if e.get("fault"))
+    assert differing_checkpoints(plain_run, run) == []
+    statuses = Counter(e.get("status") for e in read_events(run))
+    injected = sum(1 for e in read_events(run) if e.get("fault"))
     assert injected >= 10 and statuses["TIMEOUT"] >= 1 and statuses["CRASHED"] >= 1
     assert statuses["INTERRUPT"] >= 1 and statuses["EXCEPTION"] >= 1
     assert len(killer.killed) >= 5 and "server" in killer.killed
@@ -166,9 +112,9 @@ def test_main_process_killed_at_random_moments_then_resumed(tmp_path: Path, plai
         assert process.returncode == 0
         break
     run = tmp_path / "run"
-    checkpoints_equal(plain_run, run, 4)
+    assert differing_checkpoints(plain_run, run) == []
     assert not finished_twice(run)
-    assert sum(1 for e in events(run) if e.get("event") == "run_started") == kills + 1
+    assert sum(1 for e in read_events(run) if e.get("event") == "run_started") == kills + 1
 
 
 class Hog(fedsup.Task):
