@@ -176,6 +176,9 @@ def _setup_logging(verbose: int) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "fedsup_cli", False)]:
+        root.removeHandler(old)  # main() may run more than once in a process (tests, notebooks)
+    handler.fedsup_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     # fedsup's own progress lines at INFO; libraries stay at WARNING unless -vv
