@@ -281,8 +281,13 @@ class ForkServerLauncher:
             self._sock.send(pickle.dumps(("stop",)))
         except OSError:
             pass
-        self._sock.close()
-        self._sock = None
+        self._reap_server()
+
+    def _reap_server(self) -> None:
+        """Close our end of the server's socket and wait for the server to be gone."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         if self._process is not None:
             self._process.join()
             self._process.close()
@@ -356,16 +361,7 @@ class ForkServerLauncher:
             exited.append((child, lost))
         self._starting.clear()
         self._by_pid.clear()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._process is not None:
-            self._process.join()
-            self._process.close()
-            self._process = None
-        elif self._server_pid is not None:
-            os.waitpid(self._server_pid, 0)
-        self._server_pid = None
+        self._reap_server()
         return exited
 
 

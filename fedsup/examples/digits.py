@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 import fedsup
+from fedsup.examples.training import sgd_epochs
 from fedsup.partition import dirichlet
 
 
@@ -60,25 +61,11 @@ class DigitsClient(fedsup.Task):
         return self.build_model().state_dict()
 
     def train(self, device: str) -> dict[str, Any]:
-        import torch
-        import torch.nn.functional as F  # noqa: N812
-
         model = self.model.to(device)
         if self.global_state is not None:
             model.load_state_dict(self.global_state)
-        x, y = self.x.to(device), self.y.to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr)
-        losses = []
-        for _ in range(self.epochs):
-            order = torch.randperm(len(x), device=device)
-            for start in range(0, len(x), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(x[batch]), y[batch])
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-        return {"state": model.state_dict(), "num_examples": len(x), "loss": sum(losses) / len(losses)}
+        losses = sgd_epochs(model, self.x.to(device), self.y.to(device), self.epochs, self.batch_size, self.lr)
+        return {"state": model.state_dict(), "num_examples": len(self.x), "loss": sum(losses) / len(losses)}
 
     def evaluate(self, device: str) -> dict[str, Any]:
         import torch

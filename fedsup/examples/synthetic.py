@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 import fedsup
+from fedsup.examples.training import sgd_epochs
 
 DATA_SEED = 10_000  # the shared class centres and the held-out set; clients draw from their own rng
 
@@ -70,27 +71,15 @@ class SyntheticClient(fedsup.Task):
 
     def train(self, device: str) -> dict[str, Any]:
         import torch
-        import torch.nn.functional as F  # noqa: N812
 
         model = self.model.to(device)
         if self.global_state is not None:
             model.load_state_dict(self.global_state)
         x, y = self.x.to(device), self.y.to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr)
-        total, batches = 0.0, 0
-        for _ in range(self.epochs):
-            order = torch.randperm(len(x), device=device)
-            for start in range(0, len(x), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(x[batch]), y[batch])
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-                batches += 1
+        losses = sgd_epochs(model, x, y, self.epochs, self.batch_size, self.lr)
         with torch.no_grad():
             accuracy = float((model(x).argmax(1) == y).float().mean())
-        return {"state": model.state_dict(), "num_examples": len(x), "loss": total / max(batches, 1),
+        return {"state": model.state_dict(), "num_examples": len(x), "loss": sum(losses) / max(len(losses), 1),
                 "accuracy": accuracy}
 
     def evaluate(self, device: str) -> dict[str, Any]:
