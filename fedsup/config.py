@@ -350,6 +350,7 @@ class SupervisorConfig(_Section):
     memory_margin: Size = 256 * 1024**2
     cuda_context_memory: Size = 500 * 1024**2
     enforce_memory: bool = False
+    tasks_per_process: int = Field(default=1, ge=1)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     @model_validator(mode="after")
@@ -876,6 +877,7 @@ def supervisor_kwargs(config: RunConfig) -> dict[str, Any]:
         "memory_margin": sup.memory_margin,
         "cuda_context_memory": sup.cuda_context_memory,
         "enforce_memory": sup.enforce_memory,
+        "tasks_per_process": sup.tasks_per_process,
         "load_timeout": sup.timeouts.load,
         "train_timeout": sup.timeouts.train,
         "faults": None if faults is None else FaultPlan(

@@ -18,6 +18,7 @@ Fault = Literal["exception", "exit", "sigkill", "cuda_oom", "hang"]
 class Load:
     task: Any
     fault: Fault | None = None
+    setup: Any = None  # a ChildSpec when a process that finished another task takes this one
 
 
 @dataclass(frozen=True)

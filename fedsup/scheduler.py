@@ -67,6 +67,7 @@ class Policy:
     faults: FaultPlan | None = None
     keep_loaded: bool = False     # park a finished task's process, loaded, for the same client's next task
     enforce_memory: bool = False  # hold each task to estimate_memory (RLIMIT_AS over its start size)
+    tasks_per_process: int = 1    # >1: a process that finished a task may load another (no fork; less isolation)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Scheduler:
         self.proc_memory: dict[Child, int] = {}                 # host memory reserved per live process
         self.idle: OrderedDict[str, Child] = OrderedDict()      # loaded, parked processes by client key
         self.idle_resident: dict[Child, str | None] = {}
+        self.served: dict[Child, int] = {}                      # tasks each live process has loaded
         self.exit_deadlines: dict[Child, tuple[float, int]] = {}  # told to exit: (when to escalate, stage)
         self.outstanding = 0                                    # submitted handles without an outcome
         self.peak_procs = 0                                     # the most processes alive at once
@@ -219,7 +221,13 @@ class Scheduler:
                 self.ready.popleft()
                 self.adopt(handle, parked)
                 continue
-            if len(self.procs) >= self.policy.max_loaded:
+            full = len(self.procs) >= self.policy.max_loaded
+            spare = self._reusable(handle) if (full or not self.policy.keep_loaded) else None
+            if spare is not None:
+                self.ready.popleft()
+                self.reuse(handle, spare)
+                continue
+            if full:
                 self._evict_idle()
                 return
             need = handle.estimate_host
@@ -228,6 +236,21 @@ class Scheduler:
                 return  # wait for memory to come back; first in, first out
             self.ready.popleft()
             self.start(handle)
+
+    def _reusable(self, handle: TaskHandle) -> Child | None:
+        """A parked process that may take ``handle`` (tasks_per_process allows it, no queued task wants it,
+        and any GPU it holds a context on is one the task may use)."""
+        if self.policy.tasks_per_process <= 1 or not self.idle:
+            return None
+        wanted = {h.key for h in self.ready} if self.policy.keep_loaded else set()
+        allowed = {d.name for d in self.inventory.candidates(handle.task.device)}
+        for key, child in self.idle.items():
+            resident = self.idle_resident.get(child)
+            if (key not in wanted and self.served.get(child, 0) < self.policy.tasks_per_process
+                    and (resident is None or resident in allowed)):
+                del self.idle[key]
+                return child
+        return None
 
     def adopt(self, handle: TaskHandle, child: Child) -> None:
         """The next task of a client takes over its parked, loaded process: no start, no LOAD."""
@@ -256,7 +279,8 @@ class Scheduler:
         self.runtime.send(child, Exit())
         self.exit_deadlines[child] = (self.runtime.now() + self.policy.grace_period, 0)
 
-    def start(self, handle: TaskHandle) -> None:
+    def _spec(self, handle: TaskHandle) -> ChildSpec:
+        """Where the task's process works and writes, and its limits."""
         task = handle.task
         workdir = stdout = stderr = None
         if self.run_dir is not None:
@@ -265,26 +289,45 @@ class Scheduler:
             workdir, stdout, stderr = str(directory), str(directory / "stdout.log"), str(directory / "stderr.log")
             handle.stderr_offset = (directory / "stderr.log").stat().st_size if os.path.exists(stderr) else 0
         limit = handle.estimate_host if (self.policy.enforce_memory and handle.estimate_host) else None
-        spec = ChildSpec(task.task_id, task.cpus, workdir, stdout, stderr, parent_pid=self.main_pid,
+        return ChildSpec(task.task_id, task.cpus, workdir, stdout, stderr, parent_pid=self.main_pid,
                          memory_limit=limit)
-        child = self.runtime.spawn(spec)
+
+    def _attach(self, handle: TaskHandle, child: Child) -> None:
         handle.child = child
         handle.kill_reason = None
         handle.timed_out = None
-        handle.resident = None
         self.procs[child] = handle
         self.peak_procs = max(self.peak_procs, len(self.procs))
+        self.host_reserved += handle.estimate_host - self.proc_memory.get(child, 0)
         self.proc_memory[child] = handle.estimate_host
-        self.host_reserved += handle.estimate_host
+
+    def start(self, handle: TaskHandle) -> None:
+        spec = self._spec(handle)
+        child = self.runtime.spawn(spec)
+        self._attach(handle, child)
+        handle.resident = None
         handle.begin_attempt()
         handle.transition(S.AVAILABLE)
+        self._load(handle, child)
+
+    def reuse(self, handle: TaskHandle, child: Child) -> None:
+        """A process that finished another task loads this one (tasks_per_process > 1): no fork."""
+        self._attach(handle, child)
+        handle.resident = self.idle_resident.pop(child, None)
+        handle.begin_attempt(child.pid)
+        handle.transition(S.AVAILABLE, reused=True)
+        self._load(handle, child, self._spec(handle))
+
+    def _load(self, handle: TaskHandle, child: Child, setup: ChildSpec | None = None) -> None:
+        task = handle.task
+        self.served[child] = self.served.get(child, 0) + 1
         fault = self._fault(handle, "load")
         # until the child says it has begun: the process may wait for a fork server still warming up
         timeout = self.policy.load_timeout
         self._set_deadline(handle, "load", None if timeout is None else timeout + _STARTUP_ALLOWANCE)
         handle.transition(S.LOADING, fault=fault)
         try:
-            self.runtime.send(child, Load(task, fault))
+            self.runtime.send(child, Load(task, fault, setup))
         except CommandNotPicklable as exc:
             error = ErrorInfo(kind="unpicklable", type=type(exc.cause).__name__, phase="load",
                               message=f"the task object cannot be pickled to its process: {exc.cause}")
@@ -298,13 +341,21 @@ class Scheduler:
             if self.policy.max_training is not None and self.training >= self.policy.max_training:
                 return
             device = self.inventory.place(handle.task_id, handle.estimate_cuda, handle.task.cpus,
-                                          self.inventory.candidates(handle.task.device), handle.resident)
+                                          self._candidates(handle), handle.resident)
             if device is None:
                 continue
             self.waiting.remove(handle)
             self.train(handle, device)
         if self.waiting and self.training == 0 and any(r for r in self.idle_resident.values()):
             self._evict_idle()  # parked processes hold GPU memory that a waiting task needs
+
+    def _candidates(self, handle: TaskHandle) -> list[Device]:
+        """Where the task may train: its own choices, narrowed to the GPU its process already has a context on
+        (CUDA_VISIBLE_DEVICES cannot change once CUDA is initialised)."""
+        candidates = self.inventory.candidates(handle.task.device)
+        if handle.resident is not None:
+            candidates = [d for d in candidates if d.name == handle.resident]
+        return candidates
 
     def train(self, handle: TaskHandle, device: Device) -> None:
         assert handle.child is not None
@@ -349,7 +400,8 @@ class Scheduler:
     def _park(self, handle: TaskHandle) -> None:
         """Keep a finished task's process loaded for its client's next task, unless the run is stopping."""
         child = handle.child
-        if child is None or not self.policy.keep_loaded or self.stop_signal is not None:
+        keep = self.policy.keep_loaded or self.served.get(child, 0) < self.policy.tasks_per_process  # type: ignore[arg-type]
+        if child is None or not keep or self.stop_signal is not None:
             self._detach(handle)
             return
         self.procs[child] = None
@@ -419,6 +471,7 @@ class Scheduler:
             return
         handle = self.procs.pop(child)
         self.exit_deadlines.pop(child, None)
+        self.served.pop(child, None)
         self.host_reserved -= self.proc_memory.pop(child, 0)
         if child in self.idle_resident:  # a parked process died between rounds: its client loads afresh
             self.idle_resident.pop(child)

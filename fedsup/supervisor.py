@@ -65,11 +65,13 @@ class Supervisor:
         cpus: int | None = None,
         keep_loaded: bool = False,
         enforce_memory: bool = False,
+        tasks_per_process: int = 1,
     ) -> None:
         for name, value in (("max_retries", max_retries), ("max_interrupts", max_interrupts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
-        for name, value in (("max_loaded", max_loaded), ("max_training", max_training), ("cpus", cpus)):
+        for name, value in (("max_loaded", max_loaded), ("max_training", max_training), ("cpus", cpus),
+                            ("tasks_per_process", tasks_per_process)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected a whole number >= 1 or None, got {value!r}")
         _positive("load_timeout", load_timeout)
@@ -96,6 +98,7 @@ class Supervisor:
             faults=faults,
             keep_loaded=keep_loaded,
             enforce_memory=enforce_memory,
+            tasks_per_process=tasks_per_process,
         )
         self.run_dir = run_dir
         self.start_method = start_method

@@ -81,6 +81,14 @@ def setup_child(spec: ChildSpec) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = threads
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    place(spec)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(spec.cpus)
+
+
+def place(spec: ChildSpec) -> None:
+    """The task's folder, output files and memory limit: at start, and again when a process takes a new task."""
     if spec.workdir:
         os.makedirs(spec.workdir, exist_ok=True)
         os.chdir(spec.workdir)
@@ -94,9 +102,6 @@ def setup_child(spec: ChildSpec) -> None:
         _redirect(spec.stderr, 2)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
                                       errors="backslashreplace")
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(spec.cpus)
     if spec.memory_limit:
         limit_memory(spec.memory_limit)
 
@@ -329,6 +334,12 @@ class Worker:
         self.send(PhaseDone(phase, meter.record(), result))
 
     def load(self, command: Load) -> None:
+        if command.setup is not None:  # a new task for a process that finished another
+            self.task = None
+            place(command.setup)
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                torch.set_num_threads(command.setup.cpus)
         self.send(Began(os.getpid()))
         self.task = command.task
         self.run_phase("load", None, command.fault, self.task.load)
