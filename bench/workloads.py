@@ -5,9 +5,10 @@ server's children. The same plain functions do the work for every variant (fedsu
 sequential loop), so that only the way the work is run differs.
 
 The MLP client: 2,000 samples of 32 features drawn from ``numpy.random.default_rng(client_id)``, labels
-from a fixed random linear map (the same for every client), a Linear(32, 64)-ReLU-Linear(64, 10) model
-initialised from ``torch.manual_seed(client_id)``, one epoch of SGD (lr 0.01, batch 32, cross-entropy,
-shuffled by a generator seeded with the client id). Every variant therefore computes the same numbers.
+from a fixed random linear map (the same for every client, applied with torch), a Linear(32, 64)-ReLU-
+Linear(64, 10) model initialised from ``torch.manual_seed(client_id)``, one epoch of SGD (lr 0.01, batch
+32, cross-entropy, shuffled by a generator seeded with the client id). Every variant computes the same
+numbers.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ LABEL_SEED = 12345  # the fixed random linear map that labels every client's dat
 
 def make_data(client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(client_id)
-    x = rng.standard_normal((N_SAMPLES, N_FEATURES)).astype(np.float32)
+    x = torch.from_numpy(rng.standard_normal((N_SAMPLES, N_FEATURES)).astype(np.float32))
     w = np.random.default_rng(LABEL_SEED).standard_normal((N_FEATURES, N_CLASSES)).astype(np.float32)
-    y = np.argmax(x @ w, axis=1).astype(np.int64)
-    return torch.from_numpy(x), torch.from_numpy(y)
+    # The product in torch, not numpy: numpy's OpenBLAS would start a thread of its own in every process
+    # (OPENBLAS_NUM_THREADS set after numpy is loaded does not stop it), which is noise, not supervision.
+    y = torch.argmax(x @ torch.from_numpy(w), dim=1)
+    return x, y
 
 
 def make_model(client_id: int) -> torch.nn.Module:
