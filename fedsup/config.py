@@ -849,7 +849,10 @@ def to_yaml(config: RunConfig) -> str:
     """The resolved config (every default filled in) as YAML that ``load_config`` reads back to an equal one."""
     try:
         data = config.model_dump(mode="json", by_alias=True)
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+        if yaml.safe_load(text) != data:  # characters YAML reads as line breaks (NEL, LS, PS): escape them all
+            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False, default_flow_style=False)
+        return text
     except (ValueError, TypeError, yaml.YAMLError) as exc:
         raise ConfigProblems([f"task.args: cannot be written as YAML ({_one_line(exc)})"]) from exc
 
