@@ -1,0 +1,876 @@
+#!/usr/bin/env python
+"""fedsup against the ways one would otherwise run a federated experiment on one machine.
+
+    python bench/compare.py                          # every workload x variant once (Flower if set up)
+    python bench/compare.py --quick                  # smaller workloads, about a minute without Flower
+    python bench/compare.py --workloads W1,W2 --variants fedsup,pool2,flower --repeat 3 --json out.json
+    bash bench/setup_flower.sh                       # once: Flower + Ray in bench/.flower-venv
+
+Workloads (the MLP client is ``bench/fl_clients.py``: 2,000 samples x 32 features per client, a 32-64-10
+MLP, one epoch of SGD, FedAvg in float64 on the server):
+
+    W0  200 tasks that do nothing: fedsup.Supervisor(devices="cpu").run(tasks), one shot
+    W1  100 clients x 1 round, every client
+    W2  100 clients, 3 rounds x 10 clients (fedsup.federated.sample_clients(0, round, 100, 10))
+    W3  1,000 clients x 1 round
+    --quick: W0 40 tasks, W1 20 clients, W2 20 clients (3 x 10), W3 100 clients
+
+Variants:
+
+    fedsup     fedsup.run(config) with supervisor.devices "cpu", federation.evaluate false, output in a
+               temp dir (W0: Supervisor.run); default max_loaded
+    inprocess  the same clients trained one after another in one plain process, FedAvg in it; one torch
+               thread (torch's default, one per core, makes this tiny model several times slower and
+               changes the last bits of the result)
+    pool2      multiprocessing fork Pool(2), each worker pinned to one torch thread (as fedsup pins a
+               cpus=1 task); FedAvg in the parent
+    flower     Flower's simulation engine (Ray), bench/flower_peer.py run by bench/.flower-venv/bin/python,
+               client_resources num_cpus=1; W1 and W2 only; skipped with a note when the venv is missing
+
+Every run is a fresh process: this script again with ``--one WORKLOAD VARIANT`` (or flower_peer.py),
+which imports torch and numpy *before* its timer starts, as any user script would, and prints one
+``BENCH_JSON {...}`` line. Every variant trains the same client ids from the same initial model and
+ends with the same global model; the table says so ("model = inprocess") or flags the difference.
+
+Measured by this (parent) process around each run:
+
+* wall s: the child's own timer around the variant (fedsup.run, the pool, run_simulation ...);
+* CPU s: user+sys of the whole process tree, from getrusage(RUSAGE_CHILDREN) before/after. This process
+  makes itself a child subreaper, so descendants that outlive their parents (Ray's) are reparented to it,
+  reaped and counted too; any still alive 15 s after the child exits are killed and named in the notes.
+  getrusage misses processes whose parent ignores SIGCHLD (Ray's raylet does: the kernel reaps its workers
+  and drops their CPU), so the sampler also adds up each process's own CPU from /proc/PID/stat every tick;
+  the larger of the two is reported (a note says when it is the /proc sum);
+* peak RSS / PSS MiB: the largest sum over the tree (the child, its descendants, reparented orphans),
+  sampled by a thread of this process. The process list (psutil) and RSS (/proc/PID/statm) are read every
+  50 ms. PSS comes from /proc/PID/smaps_rollup, which costs 10-40 ms per torch process on this machine (the
+  kernel walks the page tables), so a full PSS snapshot of the tree is taken every 50 ms only while that
+  keeps the sampler under ``--pss-duty`` (default 5 %) of one core; otherwise as often as it allows (every
+  0.3-5 s). ``--pss-interval 0.05`` forces a snapshot every tick, at the cost of most of a core;
+* procs: the most processes alive in the tree at once;
+* 1st train s: from the variant's start (the child's timer) until the earliest ``train()`` began, as the
+  clients clocked it (``train_started`` in their results); printed beside pool2's for the same workload;
+  1st done s: until the earliest ``train()`` returned (what was paid before the first update exists);
+* other CPU s (JSON; flagged in the notes): CPU used meanwhile by processes outside the tree, from
+  /proc/stat: a busy machine makes the figures noisy; rerun then.
+
+Targets (from the project's issue) are printed with PASS/FAIL; the script reports, it does not judge: it
+exits 0 when a target is missed and 1 when a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MARK = "BENCH_JSON "
+FLOWER_PY = HERE / ".flower-venv" / "bin" / "python"
+FLOWER_PEER = HERE / "flower_peer.py"
+
+WORKLOADS = ("W0", "W1", "W2", "W3")
+VARIANTS = ("fedsup", "fedsup-reuse", "inprocess", "pool2", "flower")
+FLOWER_WORKLOADS = ("W1", "W2")
+POOL_WORKERS = 2
+RUN_SEED = 0  # fl_clients.RUN_SEED: fedsup's run seed, which decides the clients a round samples
+
+# workload: (clients or tasks, rounds, clients per round)
+FULL = {"W0": (200, 1, 200), "W1": (100, 1, 100), "W2": (100, 3, 10), "W3": (1000, 1, 1000)}
+QUICK = {"W0": (40, 1, 40), "W1": (20, 1, 20), "W2": (20, 3, 10), "W3": (100, 1, 100)}
+DESCRIBE = {"W0": "{n} no-op tasks", "W1": "{n} clients x 1 round", "W2": "{n} clients, {r} x {k}",
+            "W3": "{n} clients x 1 round"}
+
+W1_POOL_RATIO = 1.15     # W1: fedsup wall <= 1.15 x pool2
+FLOWER_SPEEDUP = 3.0     # W1, W2: Flower wall >= 3 x fedsup
+PSS_FRACTION = 0.5       # fedsup peak summed PSS <= half of Flower's
+FIRST_TRAIN_SLACK = 0.5  # fedsup's first train() no later than 0.5 s after pool2's
+QUIET = 0.25             # --quiet-wait: cores the rest of the machine may use before a run starts
+BUSY = 0.15              # cores the rest of the machine used during a run, on average, above which it is flagged
+
+REFERENCE = ("Reference (measured elsewhere on a 2-core machine, not run here): Flower 1.41 + Ray took 27 s and "
+             "1.75 GiB summed RSS over 13 processes for W1, where a plain 2-process pool took 7.4 s; fedflow "
+             "0.2.1 (patched to run without a GPU) took 407 s with its polling interval cut to 1 s, over "
+             "100 min with its defaults.")
+
+
+# ====================================================================== inside a run's subprocess
+
+
+def child(workload: str, variant: str, n: int, rounds: int, per_round: int, plan_json: str | None) -> int:
+    t0 = time.perf_counter()
+    import numpy  # noqa: F401 - imported before the timer, as any user script would
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import fl_clients
+
+    if variant.startswith("fedsup"):
+        import fedsup
+        import fedsup.runner  # noqa: F401 - what fedsup.run imports on first use: a user's import, not the run's
+    imports = time.perf_counter() - t0
+    if plan_json:
+        plan = {int(r): ids for r, ids in json.loads(plan_json).items()}
+    else:
+        plan = make_plan(workload, n, rounds, per_round)
+    run = {"fedsup": _fedsup, "fedsup-reuse": _fedsup_reuse, "inprocess": _inprocess, "pool2": _pool2}[variant]
+    out = run(workload, n, rounds, per_round, plan)
+    out.update({"imports": imports, "torch": torch.__version__, "python": platform.python_version(),
+                "pid": os.getpid()})
+    if "final" in out:
+        out["fingerprint"] = fl_clients.fingerprint(out.pop("final"))
+    sys.stdout.flush()
+    print(MARK + json.dumps(out), flush=True)
+    return 0
+
+
+def make_plan(workload: str, n: int, rounds: int, per_round: int) -> dict[int, list[int]]:
+    """The clients each round trains, as fedsup samples them (every client when per_round == n)."""
+    if workload == "W0":
+        return {1: list(range(n))}
+    from fedsup.federated import sample_clients
+
+    return {r: sample_clients(RUN_SEED, r, n, per_round) for r in range(1, rounds + 1)}
+
+
+def _first(starts: list[float], t0_epoch: float) -> float | None:
+    return min(starts) - t0_epoch if starts else None
+
+
+def _fedsup_reuse(workload: str, n: int, rounds: int, per_round: int,
+                  plan: dict[int, list[int]]) -> dict[str, Any]:
+    """fedsup with supervisor.tasks_per_process = n: a finished client's process may load another client."""
+    return _fedsup(workload, n, rounds, per_round, plan, tasks_per_process=n)
+
+
+def _fedsup(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, list[int]],
+            tasks_per_process: int = 1) -> dict[str, Any]:
+    import fl_clients
+    import torch
+
+    import fedsup
+
+    if workload == "W0":
+        tasks = [fl_clients.NoopTask(f"noop-{i}") for i in range(n)]
+        t0_epoch, t0 = time.time(), time.perf_counter()
+        records = fedsup.Supervisor(devices="cpu", tasks_per_process=tasks_per_process).run(tasks)
+        wall = time.perf_counter() - t0
+        bad = [f"{r.task_id}: {r.status.value} {r.error.summary() if r.error else ''}" for r in records
+               if r.status.value != "FINISHED"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {n} tasks did not finish: " + "; ".join(bad[:5]))
+        return {"wall": wall, "first_train": _first([r.result["train_started"] for r in records], t0_epoch),
+                "clients_trained": n}
+
+    tmp = Path(tempfile.mkdtemp(prefix="fedsup-bench-"))
+    try:
+        output = tmp / "run"
+        config = {
+            "name": f"bench-{workload.lower()}",
+            "seed": RUN_SEED,
+            "output": str(output),
+            "task": {"class": f"{HERE / 'fl_clients.py'}:MLPClient"},
+            "federation": {"clients": n, "rounds": rounds, "clients_per_round": per_round, "evaluate": False},
+            "supervisor": {"devices": "cpu", "tasks_per_process": tasks_per_process},
+        }
+        t0_epoch, t0 = time.time(), time.perf_counter()
+        summary = fedsup.run(config)
+        wall = time.perf_counter() - t0
+        if summary["status"] != "finished":
+            raise RuntimeError(f"fedsup.run ended {summary['status']}: {summary}")
+        starts, ends = [], []
+        for path in (output / "tasks").glob("round-*/record.json"):
+            result = json.loads(path.read_text()).get("result") or {}
+            if "train_started" in result:
+                starts.append(result["train_started"])
+                ends.append(result["train_ended"])
+        trained = [json.loads(line)["finished"] for line in (output / "rounds.jsonl").read_text().splitlines()]
+        expected = [[f"round-{r}.client-{i}" for i in plan[r]] for r in sorted(plan)]
+        if [sorted(t) for t in trained] != [sorted(e) for e in expected]:
+            raise RuntimeError("fedsup trained other clients than the plan")
+        final = torch.load(output / "checkpoints" / "final.pt", weights_only=True)
+        return {"wall": wall, "first_train": _first(starts, t0_epoch), "first_done": _first(ends, t0_epoch),
+                "final": final, "clients_trained": len(starts), "loss": summary["final_metrics"].get("loss"),
+                "tasks": summary["totals"]["tasks"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _aggregate(state: Any, results: list[dict[str, Any]], ids: list[int]) -> Any:
+    import fl_clients
+
+    return fl_clients.fedavg(state, [(cid, r["state"], r["num_examples"]) for cid, r in zip(ids, results, strict=True)])
+
+
+def _mean_loss(results: list[dict[str, Any]]) -> float:
+    total = sum(r["num_examples"] for r in results)
+    return sum(r["loss"] * r["num_examples"] for r in results) / total
+
+
+def _inprocess(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, list[int]]) -> dict[str, Any]:
+    import fl_clients
+    import torch
+
+    torch.set_num_threads(1)  # as the pool's workers and fedsup's cpus=1 tasks (see the module docstring)
+    t0_epoch, t0 = time.time(), time.perf_counter()
+    if workload == "W0":
+        results = [fl_clients.noop_job(i) for i in range(n)]
+        wall = time.perf_counter() - t0
+        return {"wall": wall, "first_train": _first([r["train_started"] for r in results], t0_epoch),
+                "clients_trained": n, "threads": torch.get_num_threads()}
+    state = fl_clients.initial_state()
+    starts, ends = [], []
+    for round_, ids in sorted(plan.items()):
+        results = [fl_clients.client_job(cid, round_, state) for cid in ids]
+        starts += [r["train_started"] for r in results]
+        ends += [r["train_ended"] for r in results]
+        state = _aggregate(state, results, ids)
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "first_train": _first(starts, t0_epoch), "first_done": _first(ends, t0_epoch),
+            "final": state, "clients_trained": len(starts), "loss": _mean_loss(results),
+            "threads": torch.get_num_threads()}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _pool2(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, list[int]]) -> dict[str, Any]:
+    import multiprocessing as mp
+
+    import fl_clients
+
+    t0_epoch, t0 = time.time(), time.perf_counter()
+    with mp.get_context("fork").Pool(POOL_WORKERS, initializer=_one_thread) as pool:
+        if workload == "W0":
+            results = pool.map(fl_clients.noop_job, range(n))
+            wall = time.perf_counter() - t0
+            return {"wall": wall, "first_train": _first([r["train_started"] for r in results], t0_epoch),
+                    "clients_trained": n}
+        state = fl_clients.initial_state()
+        starts, ends = [], []
+        for round_, ids in sorted(plan.items()):
+            results = pool.starmap(fl_clients.client_job, [(cid, round_, state) for cid in ids])
+            starts += [r["train_started"] for r in results]
+            ends += [r["train_ended"] for r in results]
+            state = _aggregate(state, results, ids)
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "first_train": _first(starts, t0_epoch), "first_done": _first(ends, t0_epoch),
+            "final": state, "clients_trained": len(starts), "loss": _mean_loss(results)}
+
+
+# ====================================================================== the parent: measuring a run
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks (/proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Samples every process below this one: count and summed RSS every tick, summed PSS in snapshots whose
+    cadence keeps the sampler's own CPU under ``duty`` of one core (or every ``pss_interval`` seconds)."""
+
+    def __init__(self, tick: float = 0.05, duty: float = 0.05, pss_interval: float | None = None) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.me = psutil.Process()
+        self.tick, self.duty, self.pss_interval = tick, duty, pss_interval
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.cpu_seen: dict[int, int] = {}  # pid: the most CPU ticks seen, a cross-check of getrusage
+        self.proc_children = os.path.exists(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
+        self.peak_rss = self.peak_pss = self.peak_procs = 0
+        self.peak_pss_at: float | None = None
+        self.peak_pss_breakdown: list[tuple[str, int, int, int]] = []
+        self.ticks = self.snapshots = 0
+        self.snapshot_cost = 0.0
+        self.cpu = 0.0
+        self.t0 = time.perf_counter()
+        self._next_pss = 0.0
+
+    def _tree(self) -> list[int]:
+        """Every descendant's pid, from the kernel's per-thread children lists (only this tree is read; psutil's
+        children() reads every process on the machine, ~20x the cost); psutil where those lists are missing."""
+        if not self.proc_children:
+            import psutil
+
+            try:
+                return [p.pid for p in self.me.children(recursive=True)]
+            except psutil.Error:
+                return []
+        out, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                        kids = [int(k) for k in f.read().split()]
+                except OSError:
+                    continue
+                out += kids
+                todo += kids
+        return out
+
+    def sample(self) -> None:
+        pids = self._tree()
+        rss = {pid: _rss(pid) for pid in pids}
+        alive = [pid for pid in pids if rss[pid] > 0]  # zombies have no memory left
+        for pid in alive:
+            self.cpu_seen[pid] = max(self.cpu_seen.get(pid, 0), _cpu_ticks(pid))
+        self.ticks += 1
+        self.peak_procs = max(self.peak_procs, len(alive))
+        self.peak_rss = max(self.peak_rss, sum(rss.values()))
+        now = time.perf_counter()
+        if not alive or now < self._next_pss:
+            return
+        t = time.perf_counter()
+        pss = {pid: _pss(pid) for pid in alive}
+        cost = time.perf_counter() - t
+        self.snapshots += 1
+        self.snapshot_cost += cost
+        wait = self.pss_interval if self.pss_interval is not None else cost / self.duty
+        self._next_pss = t + max(wait, self.tick) - self.tick / 2
+        total = sum(pss.values())
+        if total > self.peak_pss:
+            self.peak_pss, self.peak_pss_at = total, now - self.t0
+            self.peak_pss_breakdown = sorted(((self._label(pid), pid, pss[pid], _ppid(pid)) for pid in alive),
+                                             key=lambda e: -e[2])
+
+    @staticmethod
+    def _label(pid: int) -> str:
+        import psutil
+
+        try:
+            p = psutil.Process(pid)
+            cmd = p.cmdline()
+            name = p.name()
+        except psutil.Error:  # gone meanwhile
+            return "?"
+        if name.startswith("python") and len(cmd) > 1:
+            script = next((Path(a).name for a in cmd[1:] if a.endswith(".py")), None)
+            return f"python {script}" if script else name
+        return name
+
+    def run(self) -> None:
+        c0 = time.thread_time()
+        try:
+            while True:
+                self.sample()
+                if self.done.wait(self.tick):
+                    break
+            self.sample()
+        except BaseException as exc:  # noqa: BLE001 - reported with the run, which is then not trusted
+            self.error = f"the sampler failed: {type(exc).__name__}: {exc}"
+        self.cpu = time.thread_time() - c0
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+def _busy_cpu() -> float:
+    """Seconds of CPU the whole machine has spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [float(v) for v in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_load(result: dict[str, Any]) -> float:
+    """Cores that processes outside the measured tree used, on average, while it ran."""
+    return result.get("other_cpu", 0.0) / max(result.get("tree_wall") or result.get("wall") or 0.0, 1e-9)
+
+
+def wait_for_quiet(limit: float, threshold: float = QUIET) -> float:
+    """Wait (up to ``limit`` s) until the rest of the machine uses under ``threshold`` cores over 2 s; return
+    the cores it used in the last window. Other people's work on a shared machine skews every figure."""
+    deadline = time.monotonic() + limit
+    while True:
+        busy0, self0 = _busy_cpu(), _cpu(resource.getrusage(resource.RUSAGE_SELF))
+        time.sleep(2.0)
+        used = (_busy_cpu() - busy0 - (_cpu(resource.getrusage(resource.RUSAGE_SELF)) - self0)) / 2.0
+        if used < threshold or time.monotonic() > deadline:
+            return used
+        time.sleep(3.0)
+
+
+def _cpu(ru: resource.struct_rusage) -> float:
+    return ru.ru_utime + ru.ru_stime
+
+
+def _kill_tree(pid: int | None) -> None:
+    import psutil
+
+    procs = []
+    try:
+        if pid is not None:
+            procs.append(psutil.Process(pid))
+    except psutil.Error:
+        pass
+    procs += psutil.Process().children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def reap_orphans(grace: float) -> list[str]:
+    """Reap descendants reparented to this subreaper; kill those still alive after ``grace`` s (named)."""
+    import psutil
+
+    deadline = time.monotonic() + grace
+    killed: list[str] = []
+    while True:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return killed
+            if pid == 0:
+                break
+        left = psutil.Process().children(recursive=True)
+        if not left:
+            return killed
+        if time.monotonic() > deadline:
+            for p in left:
+                try:
+                    killed.append(f"{p.name()}[{p.pid}]")
+                    p.kill()
+                except psutil.Error:
+                    pass
+            deadline = time.monotonic() + 5
+        time.sleep(0.05)
+
+
+def measure(cmd: list[str], timeout: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``cmd``; return its BENCH_JSON merged with what this process measured around it."""
+    ru0, self0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF), \
+        _busy_cpu()
+    load = os.getloadavg()[0]
+    sampler = TreeSampler(duty=args.pss_duty, pss_interval=args.pss_interval)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    sampler.start()
+    error = None
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        error = f"timed out after {timeout:g} s"
+    except BaseException:
+        _kill_tree(proc.pid)
+        proc.communicate()
+        sampler.stop()
+        reap_orphans(5)
+        raise
+    process_wall = time.perf_counter() - t0
+    killed = reap_orphans(args.orphan_grace)
+    tree_wall = time.perf_counter() - t0
+    sampler.stop()
+    ru1, self1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF), \
+        _busy_cpu()
+    lines = [line for line in stdout.splitlines() if line.startswith(MARK)]
+    if error is None and (proc.returncode != 0 or not lines):
+        tail = "\n".join((stdout + stderr).strip().splitlines()[-20:])
+        error = f"exit code {proc.returncode}\n{tail}"
+    out: dict[str, Any] = json.loads(lines[-1][len(MARK):]) if lines and error is None else {}
+    rusage_cpu = _cpu(ru1) - _cpu(ru0)
+    seen_cpu = sum(sampler.cpu_seen.values()) / os.sysconf("SC_CLK_TCK")
+    # getrusage counts only descendants that an ancestor waited for. Ray's raylet ignores SIGCHLD, so the
+    # kernel reaps its workers by itself and their CPU never reaches us; the sampler's per-process totals
+    # (/proc/PID/stat, read every tick) are a lower bound that does include them: take the larger.
+    tree_cpu = max(rusage_cpu, seen_cpu)
+    out.update({
+        "cpu": tree_cpu, "cpu_rusage": rusage_cpu, "cpu_seen": seen_cpu,
+        "cpu_source": "rusage" if rusage_cpu >= seen_cpu else "proc",
+        "cpu_user": ru1.ru_utime - ru0.ru_utime, "cpu_sys": ru1.ru_stime - ru0.ru_stime,
+        "peak_pss": sampler.peak_pss, "peak_rss": sampler.peak_rss, "peak_procs": sampler.peak_procs,
+        "peak_pss_at": sampler.peak_pss_at,
+        "peak_pss_breakdown": [{"name": name, "pid": pid, "ppid": ppid, "pss_mib": round(pss / 2**20, 1)}
+                               for name, pid, pss, ppid in sampler.peak_pss_breakdown],
+        "pids_seen": len(sampler.cpu_seen),
+        "pss_snapshots": sampler.snapshots, "ticks": sampler.ticks, "sampler_cpu": sampler.cpu,
+        "pss_snapshot_ms": 1000 * sampler.snapshot_cost / max(sampler.snapshots, 1),
+        "process_wall": process_wall, "tree_wall": tree_wall, "orphans_killed": killed,
+        "other_cpu": max(0.0, (busy1 - busy0) - tree_cpu - (_cpu(self1) - _cpu(self0))),
+        "loadavg_before": load, "stderr_tail": stderr.strip().splitlines()[-3:],
+    })
+    error = error or sampler.error
+    if error is not None:
+        out["error"] = error
+    return out
+
+
+# ====================================================================== the parent: the bench
+
+
+def sizes_for(args: argparse.Namespace) -> dict[str, tuple[int, int, int]]:
+    return QUICK if args.quick else FULL
+
+
+def compute_plans(sizes: dict[str, tuple[int, int, int]], workloads: list[str]) -> dict[str, dict[int, list[int]]]:
+    """fedsup.federated.sample_clients for every workload, in one helper process (it imports torch)."""
+    request = {w: sizes[w] for w in workloads}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import compare; "
+            "req = json.loads(sys.argv[2]); "
+            "print(json.dumps({w: compare.make_plan(w, *v) for w, v in req.items()}))")
+    proc = subprocess.run([sys.executable, "-c", code, str(HERE), json.dumps(request)], capture_output=True,
+                          text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"cannot compute the client plans:\n{proc.stderr}")
+    return {w: {int(r): ids for r, ids in plan.items()} for w, plan in json.loads(proc.stdout).items()}
+
+
+def command(workload: str, variant: str, size: tuple[int, int, int], plan: dict[int, list[int]]) -> list[str]:
+    n, rounds, per_round = size
+    plan_json = json.dumps({str(r): ids for r, ids in plan.items()})
+    if variant == "flower":
+        return [str(FLOWER_PY), str(FLOWER_PEER), "--clients", str(n), "--rounds", str(rounds),
+                "--per-round", str(per_round), "--plan", plan_json]
+    return [sys.executable, str(Path(__file__).resolve()), "--one", workload, variant, "--clients", str(n),
+            "--rounds", str(rounds), "--per-round", str(per_round), "--plan", plan_json]
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of every measure over the runs that worked; every wall kept."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return dict(runs[-1])
+    ordered = sorted(ok, key=lambda r: r["wall"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    for key in ("wall", "cpu", "cpu_rusage", "peak_pss", "peak_rss", "peak_procs", "first_train", "first_done",
+                "other_cpu", "sampler_cpu", "tree_wall"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    out["cpu_source"] = "proc" if out.get("cpu", 0) > out.get("cpu_rusage", 0) + 1e-9 else "rusage"
+    out["walls"] = [r["wall"] for r in ok]
+    out["errors"] = [r["error"] for r in runs if "error" in r]
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    def run(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "?"
+
+    free = run(["free", "-g"])
+    total = next((line.split()[1] for line in free.splitlines() if line.startswith("Mem:")), "?")
+    rev = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "fedsup"]):
+        rev += " + uncommitted changes in fedsup/"
+    flower = "not set up"
+    versions = HERE / ".flower-venv" / "versions.txt"
+    if versions.exists():
+        flower = ", ".join(line.strip() for line in versions.read_text().splitlines() if line.strip())
+    return {"nproc": run(["nproc"]), "mem_total_gib": total, "free_g": free, "kernel": platform.release(),
+            "python": platform.python_version(), "cpu_model": _cpu_model(), "fedsup_git": rev,
+            "flower_venv": flower, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
+def fmt(value: Any, spec: str) -> str:
+    """``value`` formatted, or a dash as wide as the spec says."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return "-".rjust(width) if value is None else format(value, spec)
+
+
+def same_model(a: list[float] | None, b: list[float] | None) -> bool | None:
+    if a is None or b is None:
+        return None
+    return all(abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], sizes: dict[str, tuple[int, int, int]]) -> list[str]:
+    head = (f"{'workload':<25} {'variant':<9} {'wall s':>7} {'/pool2':>6} {'CPU s':>7} {'PSS MiB':>8} "
+            f"{'RSS MiB':>8} {'procs':>5} {'1st train s':>11} {'pool2 1st s':>11} {'1st done s':>10}  notes")
+    lines = [head, "-" * len(head)]
+    for w, by_variant in results.items():
+        n, r, k = sizes[w]
+        label = f"{w} {DESCRIBE[w].format(n=n, r=r, k=k)}"
+        pool = by_variant.get("pool2", {})
+        base = pool.get("wall") if "error" not in pool else None
+        reference = next((by_variant[v].get("fingerprint") for v in ("inprocess", "pool2", "fedsup")
+                          if v in by_variant and by_variant[v].get("fingerprint")), None)
+        ref_name = next((v for v in ("inprocess", "pool2", "fedsup") if v in by_variant and
+                         by_variant[v].get("fingerprint")), None)
+        for v, res in by_variant.items():
+            if res.get("skipped"):
+                lines.append(f"{label:<25} {v:<9} {'-':>7} {'-':>6} {'-':>7} {'-':>8} {'-':>8} {'-':>5} {'-':>11} "
+                             f"{'-':>11} {'-':>10}  skipped: {res['skipped']}")
+                continue
+            if "error" in res:
+                first = res["error"].splitlines()[0]
+                lines.append(f"{label:<25} {v:<9} {'ERROR':>7}  {first}")
+                continue
+            notes = []
+            if v != ref_name and reference is not None and res.get("fingerprint") is not None:
+                notes.append(f"model = {ref_name}" if same_model(res["fingerprint"], reference)
+                             else f"MODEL DIFFERS from {ref_name}")
+            if len(res.get("walls", [])) > 1:
+                notes.append("walls " + "/".join(f"{x:.2f}" for x in res["walls"]))
+            if res.get("errors"):
+                notes.append(f"{len(res['errors'])} run(s) failed")
+            if res.get("cpu_source") == "proc":
+                notes.append(f"CPU from /proc (getrusage saw {res['cpu_rusage']:.1f})")
+            if res.get("orphans_killed"):
+                notes.append("killed leftovers: " + ", ".join(res["orphans_killed"][:4]))
+            if others_load(res) > BUSY:
+                notes.append(f"busy machine: others used {res['other_cpu']:.1f} CPU-s")
+            ratio = f"{res['wall'] / base:.2f}" if base else "-"
+            lines.append(
+                f"{label:<25} {v:<9} {res['wall']:>7.2f} {ratio:>6} {res['cpu']:>7.1f} "
+                f"{res['peak_pss'] / 2**20:>8.0f} {res['peak_rss'] / 2**20:>8.0f} {res['peak_procs']:>5} "
+                f"{fmt(res.get('first_train'), '>11.2f')} {fmt(pool.get('first_train'), '>11.2f')} "
+                f"{fmt(res.get('first_done'), '>10.2f')}  {'; '.join(notes)}")
+            label = ""
+    return lines
+
+
+def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, str, str]]:
+    """(target, figures, PASS/FAIL/n/a)."""
+    def get(w: str, v: str, key: str) -> float | None:
+        res = results.get(w, {}).get(v, {})
+        return None if "error" in res or res.get("skipped") else res.get(key)
+
+    out = []
+    fed, pool = get("W1", "fedsup", "wall"), get("W1", "pool2", "wall")
+    if fed is not None and pool is not None:
+        out.append((f"W1: fedsup within {W1_POOL_RATIO}x of pool2", f"{fed:.2f} s / {pool:.2f} s = {fed / pool:.2f}x",
+                    "PASS" if fed <= W1_POOL_RATIO * pool else "FAIL"))
+    else:
+        out.append((f"W1: fedsup within {W1_POOL_RATIO}x of pool2", "not measured", "n/a"))
+    for w in FLOWER_WORKLOADS:
+        fed, flower = get(w, "fedsup", "wall"), get(w, "flower", "wall")
+        name = f"{w}: fedsup at least {FLOWER_SPEEDUP:g}x faster than Flower"
+        if fed is not None and flower is not None:
+            out.append((name, f"{flower:.2f} s / {fed:.2f} s = {flower / fed:.1f}x",
+                        "PASS" if flower >= FLOWER_SPEEDUP * fed else "FAIL"))
+        else:
+            out.append((name, "not measured", "n/a"))
+    for w in FLOWER_WORKLOADS:
+        fed, flower = get(w, "fedsup", "peak_pss"), get(w, "flower", "peak_pss")
+        name = f"{w}: fedsup peak summed PSS at most {PSS_FRACTION:g} x Flower's"
+        if fed is not None and flower is not None:
+            out.append((name, f"{fed / 2**20:.0f} MiB / {flower / 2**20:.0f} MiB = {fed / flower:.2f}",
+                        "PASS" if fed <= PSS_FRACTION * flower else "FAIL"))
+        else:
+            out.append((name, "not measured", "n/a"))
+    for w in results:
+        fed, pool = get(w, "fedsup", "first_train"), get(w, "pool2", "first_train")
+        name = f"{w}: fedsup's first train() at most {FIRST_TRAIN_SLACK:g} s after pool2's"
+        if fed is not None and pool is not None:
+            out.append((name, f"{fed:.2f} s vs {pool:.2f} s (+{fed - pool:.2f} s)",
+                        "PASS" if fed <= pool + FIRST_TRAIN_SLACK else "FAIL"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of W0,W1,W2,W3")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ",".join(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians reported")
+    parser.add_argument("--quick", action="store_true", help="W0 40 tasks, W1 20, W2 20 (3 x 10), W3 100 clients")
+    parser.add_argument("--json", metavar="PATH", help="write every result here")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
+    parser.add_argument("--pss-duty", type=float, default=0.05,
+                        help="share of one core the PSS snapshots may cost (default 0.05)")
+    parser.add_argument("--pss-interval", type=float, default=None,
+                        help="seconds between PSS snapshots, overriding --pss-duty (0.05: every tick)")
+    parser.add_argument("--orphan-grace", type=float, default=15.0,
+                        help="seconds leftover descendants get to exit after a run before they are killed")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                        help=f"before each run, wait up to S s for other processes to use under {QUIET} cores")
+    parser.add_argument("--retry-busy", type=int, default=0, metavar="N",
+                        help=f"run again, up to N times, a run during which other processes used over {BUSY} cores")
+    parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--per-round", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        workload, variant = args.one
+        n, rounds, per_round = sizes_for(args)[workload]
+        return child(workload, variant, args.clients or n, args.rounds or rounds, args.per_round or per_round,
+                     args.plan)
+
+    workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for w in workloads:
+        if w not in WORKLOADS:
+            parser.error(f"--workloads: unknown {w!r}; expected some of {', '.join(WORKLOADS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: unknown {v!r}; expected some of {', '.join(VARIANTS)}")
+    if args.repeat < 1:
+        parser.error("--repeat: expected 1 or more")
+
+    started = time.perf_counter()
+    sizes = sizes_for(args)
+    info = machine_info()
+    subreaper = become_subreaper()
+    print(f"{info['date']}  {info['nproc']} cores ({info['cpu_model']}), {info['mem_total_gib']} GiB, "
+          f"Linux {info['kernel']}, Python {info['python']}")
+    print(f"fedsup: git {info['fedsup_git']}; Flower venv: {info['flower_venv']}")
+    print(f"load average {os.getloadavg()[0]:.2f} at the start" + ("" if subreaper else
+          "; not a child subreaper: orphans' CPU is not counted"), flush=True)
+    plans = compute_plans(sizes, workloads)
+
+    flower_ok = FLOWER_PY.exists()
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {w: {} for w in workloads}
+    skipped: dict[tuple[str, str], str] = {}
+    for w in workloads:
+        for v in variants:
+            if v == "flower" and w not in FLOWER_WORKLOADS:
+                continue
+            if v == "flower" and not flower_ok:
+                skipped[(w, v)] = "bench/.flower-venv missing (bash bench/setup_flower.sh)"
+                continue
+            runs[w][v] = []
+    total = sum(len(v) for v in runs.values()) * args.repeat
+    discarded: list[dict[str, Any]] = []
+    done = 0
+    try:
+        for rep in range(args.repeat):
+            for w in workloads:
+                for v in runs[w]:
+                    done += 1
+                    print(f"[{done}/{total}] {w} {v}" + (f" (run {rep + 1})" if args.repeat > 1 else "") + " ... ",
+                          end="", flush=True)
+                    for attempt in range(args.retry_busy + 1):
+                        if args.quiet_wait > 0:
+                            others = wait_for_quiet(args.quiet_wait)
+                            if others >= QUIET:
+                                print(f"(others still use {others:.2f} cores) ", end="", flush=True)
+                        result = measure(command(w, v, sizes[w], plans[w]), args.timeout, args)
+                        result["attempt"] = attempt + 1
+                        load = others_load(result)
+                        if "error" in result or load <= BUSY or attempt == args.retry_busy:
+                            break
+                        discarded.append({"workload": w, "variant": v, **result})
+                        print(f"disturbed ({result['wall']:.2f} s while others used {load:.2f} cores), again ... ",
+                              end="", flush=True)
+                    runs[w][v].append(result)
+                    print("ERROR" if "error" in result else
+                          f"{result['wall']:.2f} s, peak PSS {result['peak_pss'] / 2**20:.0f} MiB", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted: reporting what finished", flush=True)
+
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for w in workloads:
+        results[w] = {}
+        for v in variants:
+            if (w, v) in skipped:
+                results[w][v] = {"skipped": skipped[(w, v)]}
+            elif runs[w].get(v):
+                results[w][v] = median_of(runs[w][v])
+    print()
+    for line in table(results, sizes):
+        print(line)
+    print("flower: W1 and W2 only. 'RSS/PSS MiB': peak of the sum over the whole process tree; 'CPU s': "
+          "user+sys of the tree,\nimports included; '1st train s' / '1st done s': from the variant's start until "
+          "the first client entered / left train().")
+    print()
+    print("targets")
+    checks = targets(results)
+    for name, figures, verdict in checks:
+        print(f"  {verdict:<5} {name:<58} {figures}")
+    print()
+    print(REFERENCE)
+    end_load = os.getloadavg()[0]
+    print(f"\nbench took {time.perf_counter() - started:.0f} s; load average {end_load:.2f} at the end")
+    errors = {f"{w} {v}": e for w in results for v, r in results[w].items() for e in
+              ([r["error"]] if "error" in r else []) + r.get("errors", [])}
+    for name, error in errors.items():
+        print(f"\nERROR in {name}:\n{error}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": info, "sizes": {w: sizes[w] for w in workloads}, "repeat": args.repeat,
+            "quick": args.quick, "pss_duty": args.pss_duty, "pss_interval": args.pss_interval,
+            "results": results, "runs": runs, "discarded": discarded,
+            "targets": [{"target": n, "figures": f, "verdict": v} for n, f, v in checks],
+        }, indent=1, default=str))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
