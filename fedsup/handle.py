@@ -128,5 +128,5 @@ class TaskHandle:
             load=last.load if last else None,
             train=last.train if last else None,
             evaluate=last.evaluate if last else None,
-            history=list(self.history),  # shared, not copied: 10,000 tasks keep 10,000 histories
+            history=[a.model_copy() for a in self.history],
         )

@@ -138,7 +138,6 @@ class Scheduler:
                                          estimate_cuda_memory=handle.estimate_cuda)
                 handle.reason = reason
                 handle.transition(S.FAILED, reason=reason)
-                self._write_record(handle)
             else:
                 self.ready.append(handle)
         return handles
@@ -447,7 +446,6 @@ class Scheduler:
                 handle.end_attempt(S.FINISHED)
                 handle.transition(S.FINISHED, device=message.record.device)
                 self._park(handle)
-                self._write_record(handle)
         elif isinstance(message, PhaseFailed):
             handle.note_phase(message.record)
             self._release(handle)
@@ -539,7 +537,6 @@ class Scheduler:
         elif verdict is not None:
             handle.reason = verdict
             handle.transition(S.FAILED, reason=verdict)
-            self._write_record(handle)
         else:
             handle.transition(S.INIT, retry=len(handle.history) + 1, estimate_cuda_memory=handle.estimate_cuda)
             if handle.not_before > self.runtime.now():
@@ -592,15 +589,14 @@ class Scheduler:
         handle.end_attempt(S.CANCELLED, handle.error)
         handle.reason = reason
         handle.transition(S.CANCELLED, reason=reason)
-        self._write_record(handle)
-
-    def _write_record(self, handle: TaskHandle) -> None:
-        if self.run_dir is not None:
-            self.run_dir.write_record(handle.to_record())
 
     def _on_transition(self, handle: TaskHandle, old: TaskStatus, new: TaskStatus, info: dict[str, Any]) -> None:
         self.outstanding += (old in OUTCOMES) - (new in OUTCOMES)
         if self.run_dir is not None:
+            if new in OUTCOMES:
+                # the record first: an event that says FINISHED always has its record, so a run killed
+                # between the two never runs that task again on --resume
+                self.run_dir.write_record(handle.to_record())
             child = handle.child
             self.run_dir.event(task=handle.task_id, attempt=len(handle.history), status=new.value, previous=old.value,
                                pid=child.pid if child is not None else None,
