@@ -18,7 +18,11 @@ MLP, one epoch of SGD, FedAvg in float64 on the server):
 Variants:
 
     fedsup     fedsup.run(config) with supervisor.devices "cpu", federation.evaluate false, output in a
-               temp dir (W0: Supervisor.run); default max_loaded
+               temp dir (W0: Supervisor.run); default max_loaded, and fedsup's default of a fresh process
+               per client
+    fedsup-reuse  the same with supervisor.tasks_per_process = the number of clients: a process that
+               finished a client loads the next one (no fork), as a pool worker does; shown for comparison,
+               the targets judge ``fedsup``
     inprocess  the same clients trained one after another in one plain process, FedAvg in it; one torch
                thread (torch's default, one per core, makes this tiny model several times slower and
                changes the last bits of the result)
@@ -658,7 +662,7 @@ def same_model(a: list[float] | None, b: list[float] | None) -> bool | None:
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]], sizes: dict[str, tuple[int, int, int]]) -> list[str]:
-    head = (f"{'workload':<25} {'variant':<9} {'wall s':>7} {'/pool2':>6} {'CPU s':>7} {'PSS MiB':>8} "
+    head = (f"{'workload':<25} {'variant':<12} {'wall s':>7} {'/pool2':>6} {'CPU s':>7} {'PSS MiB':>8} "
             f"{'RSS MiB':>8} {'procs':>5} {'1st train s':>11} {'pool2 1st s':>11} {'1st done s':>10}  notes")
     lines = [head, "-" * len(head)]
     for w, by_variant in results.items():
@@ -672,12 +676,12 @@ def table(results: dict[str, dict[str, dict[str, Any]]], sizes: dict[str, tuple[
                          by_variant[v].get("fingerprint")), None)
         for v, res in by_variant.items():
             if res.get("skipped"):
-                lines.append(f"{label:<25} {v:<9} {'-':>7} {'-':>6} {'-':>7} {'-':>8} {'-':>8} {'-':>5} {'-':>11} "
+                lines.append(f"{label:<25} {v:<12} {'-':>7} {'-':>6} {'-':>7} {'-':>8} {'-':>8} {'-':>5} {'-':>11} "
                              f"{'-':>11} {'-':>10}  skipped: {res['skipped']}")
                 continue
             if "error" in res:
                 first = res["error"].splitlines()[0]
-                lines.append(f"{label:<25} {v:<9} {'ERROR':>7}  {first}")
+                lines.append(f"{label:<25} {v:<12} {'ERROR':>7}  {first}")
                 continue
             notes = []
             if v != ref_name and reference is not None and res.get("fingerprint") is not None:
@@ -695,7 +699,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], sizes: dict[str, tuple[
                 notes.append(f"busy machine: others used {res['other_cpu']:.1f} CPU-s")
             ratio = f"{res['wall'] / base:.2f}" if base else "-"
             lines.append(
-                f"{label:<25} {v:<9} {res['wall']:>7.2f} {ratio:>6} {res['cpu']:>7.1f} "
+                f"{label:<25} {v:<12} {res['wall']:>7.2f} {ratio:>6} {res['cpu']:>7.1f} "
                 f"{res['peak_pss'] / 2**20:>8.0f} {res['peak_rss'] / 2**20:>8.0f} {res['peak_procs']:>5} "
                 f"{fmt(res.get('first_train'), '>11.2f')} {fmt(pool.get('first_train'), '>11.2f')} "
                 f"{fmt(res.get('first_done'), '>10.2f')}  {'; '.join(notes)}")
@@ -739,6 +743,27 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, st
             out.append((name, f"{fed:.2f} s vs {pool:.2f} s (+{fed - pool:.2f} s)",
                         "PASS" if fed <= pool + FIRST_TRAIN_SLACK else "FAIL"))
     return out
+
+
+def reuse_lines(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The speed targets again for fedsup-reuse, for information (the targets judge fedsup's defaults)."""
+    lines = []
+    for w in ("W1", "W2", "W3"):
+        res = results.get(w, {})
+        reuse, pool, flower = (res.get(v, {}) for v in ("fedsup-reuse", "pool2", "flower"))
+        if "wall" not in reuse or "error" in reuse:
+            continue
+        parts = []
+        if "wall" in pool and "error" not in pool:
+            parts.append(f"{reuse['wall'] / pool['wall']:.2f}x pool2")
+        if "wall" in flower and "error" not in flower:
+            parts.append(f"{flower['wall'] / reuse['wall']:.1f}x faster than Flower")
+            parts.append(f"PSS {reuse['peak_pss'] / flower['peak_pss']:.2f} of Flower's")
+        if reuse.get("first_train") is not None and pool.get("first_train") is not None:
+            parts.append(f"first train() +{reuse['first_train'] - pool['first_train']:.2f} s after pool2's")
+        if parts:
+            lines.append(f"  {w} fedsup-reuse: " + ", ".join(parts))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -854,6 +879,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = targets(results)
     for name, figures, verdict in checks:
         print(f"  {verdict:<5} {name:<58} {figures}")
+    extra = reuse_lines(results)
+    if extra:
+        print("for information, with supervisor.tasks_per_process (not judged):")
+        for line in extra:
+            print(line)
     print()
     print(REFERENCE)
     end_load = os.getloadavg()[0]
