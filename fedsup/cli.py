@@ -178,7 +178,7 @@ def _setup_logging(verbose: int) -> None:
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "fedsup_cli", False)]:
         root.removeHandler(old)  # main() may run more than once in a process (tests, notebooks)
-    handler.fedsup_cli = True  # type: ignore[attr-defined]
+    setattr(handler, "fedsup_cli", True)  # noqa: B010 - a mark on the handler, found again above
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     # fedsup's own progress lines at INFO; libraries stay at WARNING unless -vv

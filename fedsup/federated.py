@@ -56,7 +56,7 @@ RESUMABLE_CHANGES = ("supervisor", "output")
 class FederationSpec:
     name: str
     seed: int
-    task_class: type[Task]
+    task_class: Callable[..., Task]  # a Task subclass, built as task_class(client_id=i, **task_args)
     task_args: dict[str, Any]
     clients: int
     rounds: int

@@ -379,11 +379,11 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int) ->
     warm_torch()
     me = os.getpid()
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
             os.read(wake_r, 4096)
             _reap(sock)
-        if sock in ready:
+        if sock.fileno() in ready:
             data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
             if not data:
                 return  # the supervisor is gone

@@ -69,7 +69,7 @@ def placement_plan(source: ConfigSource, overrides: Sequence[str] = ()) -> dict[
     inventory = Inventory.from_spec(kwargs["devices"], margin=parse_bytes(kwargs["memory_margin"]),
                                     context_memory=parse_bytes(kwargs["cuda_context_memory"]))
     estimate = parse_bytes(config.task.estimate_cuda_memory)
-    devices = []
+    devices: list[dict[str, Any]] = []
     for gpu in inventory.gpus:
         per_task = inventory.cost(estimate, resident=False)
         fits = max(0, inventory.room(gpu) // per_task) if per_task else None

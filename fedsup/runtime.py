@@ -121,9 +121,9 @@ class ProcessRuntime:
                 events.extend(self._drain(owners[obj]))
             else:
                 child = owners[obj]
-                info = child.poll_exit()
-                if info is not None:
-                    events.extend(self._finish(child, info))
+                ended = child.poll_exit()
+                if ended is not None:
+                    events.extend(self._finish(child, ended))
         return events
 
     def _drain(self, child: Child) -> list[Event]:

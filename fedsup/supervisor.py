@@ -67,11 +67,13 @@ class Supervisor:
         enforce_memory: bool = False,
         tasks_per_process: int = 1,
     ) -> None:
-        for name, value in (("max_retries", max_retries), ("max_interrupts", max_interrupts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
-        for name, value in (("max_loaded", max_loaded), ("max_training", max_training), ("cpus", cpus),
-                            ("tasks_per_process", tasks_per_process)):
+        for name, count in (("max_retries", max_retries), ("max_interrupts", max_interrupts)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name}: expected a whole number >= 0, got {count!r}")
+        optional: tuple[tuple[str, int | None], ...] = (
+            ("max_loaded", max_loaded), ("max_training", max_training), ("cpus", cpus),
+            ("tasks_per_process", tasks_per_process))
+        for name, value in optional:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected a whole number >= 1 or None, got {value!r}")
         _positive("load_timeout", load_timeout)
