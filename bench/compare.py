@@ -2,7 +2,8 @@
 """fedsup against the ways one would otherwise run a federated experiment on one machine.
 
     python bench/compare.py                          # every workload x variant once (Flower if set up)
-    python bench/compare.py --quick                  # smaller workloads, about a minute without Flower
+    python bench/compare.py --quick                  # smaller workloads, about a minute without Flower (and
+                                                     # without fedsup-reuse unless --variants names it)
     python bench/compare.py --workloads W1,W2 --variants fedsup,pool2,flower --repeat 3 --json out.json
     bash bench/setup_flower.sh                       # once: Flower + Ray in bench/.flower-venv
 
@@ -89,6 +90,7 @@ FLOWER_PEER = HERE / "flower_peer.py"
 
 WORKLOADS = ("W0", "W1", "W2", "W3")
 VARIANTS = ("fedsup", "fedsup-reuse", "inprocess", "pool2", "flower")
+QUICK_VARIANTS = ("fedsup", "inprocess", "pool2", "flower")  # --quick: about a minute without Flower
 FLOWER_WORKLOADS = ("W1", "W2")
 POOL_WORKERS = 2
 RUN_SEED = 0  # fl_clients.RUN_SEED: fedsup's run seed, which decides the clients a round samples
@@ -770,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of W0,W1,W2,W3")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, of {','.join(VARIANTS)} (default: all; with --quick: "
+                             f"{','.join(QUICK_VARIANTS)})")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians reported")
     parser.add_argument("--quick", action="store_true", help="W0 40 tasks, W1 20, W2 20 (3 x 10), W3 100 clients")
     parser.add_argument("--json", metavar="PATH", help="write every result here")
@@ -799,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
                      args.plan)
 
     workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    chosen = args.variants or ",".join(QUICK_VARIANTS if args.quick else VARIANTS)
+    variants = [v.strip() for v in chosen.split(",") if v.strip()]
     for w in workloads:
         if w not in WORKLOADS:
             parser.error(f"--workloads: unknown {w!r}; expected some of {', '.join(WORKLOADS)}")

@@ -10,7 +10,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.flower-venv"
-# The release measured in bench/RESULTS.md; override to try another.
+# The release measured in bench/RESULTS.md; override to try another. (1.42.0, the newest when this was
+# written, could not be installed here: it requires certifi>=2026.10.19, which PyPI did not yet serve.)
 FLWR_VERSION="${FLWR_VERSION:-1.41.0}"
 PYTHON="${PYTHON:-python3}"
 
