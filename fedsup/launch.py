@@ -22,6 +22,7 @@ task pipes in one ``connection.wait``.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import multiprocessing as mp
@@ -30,13 +31,15 @@ import pickle
 import select
 import signal
 import socket
+import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import torch
 
+from fedsup.forking import prepare_to_fork
 from fedsup.worker import ChildSpec, child_main, die_with_parent
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,13 @@ log = logging.getLogger(__name__)
 # Threads this process had right after torch was imported: more later means something started threads
 # (an OpenMP pool among them) that a forked child would inherit in a broken state.
 _BASELINE_THREADS = len(os.listdir("/proc/self/task"))
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def thread_count() -> int:
@@ -118,7 +128,16 @@ def reap_group(pgid: int) -> None:
 
 
 def warm_torch() -> None:
-    """Pay torch's first-use costs once, in the server, on one thread so no OpenMP pool exists to inherit."""
+    """Pay torch's first-use costs once, in the server, so that no task process pays them again.
+
+    On one thread, so that no OpenMP pool exists for a child to inherit. Each step is a cost measured in a
+    fresh child: the first optimiser imports ``torch._dynamo`` (~2 s); the first ``torch.manual_seed`` reads
+    source files for the stack trace CUDA's lazy seeding keeps (~5 ms); the first ``torch.load`` of a
+    memory-mapped state and the first ``torch.save`` set up their machinery (~4 ms and ~2 ms); numpy's first
+    generator ~4 ms.
+    """
+    import tempfile
+
     import torch.nn.functional as F  # noqa: N812
     import torch.utils.data  # noqa: F401
 
@@ -129,6 +148,15 @@ def warm_torch() -> None:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+    torch.manual_seed(0)
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="fedsup-warm-", suffix=".pt") as f:
+        torch.save(model.state_dict(), f)
+        f.flush()
+        torch.load(f.name, mmap=True, weights_only=True)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.default_rng(0).standard_normal(8).astype(numpy.float32)
 
 
 # ---------------------------------------------------------------- spawn
@@ -216,23 +244,50 @@ class ServerChild:
             kill_group(self.pid, sig)
 
 
+@dataclass(eq=False)
+class _Server:
+    """One fork server as the supervisor sees it: its socket, its process, the children it holds."""
+
+    sock: socket.socket
+    pid: int
+    warm: bool                    # warms torch before it forks; the other kind serves at once, cold
+    process: Any = None           # the multiprocessing.Process when started with spawn
+    ready: bool = False           # warm and forking (a cold server is ready from the start)
+    retiring: bool = False        # told to exit once its last child has
+    asked: int = 0                # children requested from it, ever
+    starting: dict[int, ServerChild] = field(default_factory=dict)
+    by_pid: dict[int, ServerChild] = field(default_factory=dict)
+
+    def holds(self) -> int:
+        return len(self.starting) + len(self.by_pid)
+
+
 class ForkServerLauncher:
+    """Two generations of fork server, so that the first task starts at once and later ones start warm.
+
+    Warming a server costs ~2 s (``warm_torch``), during which it forks nothing. So at the start of a run a
+    cold server (torch imported, nothing else) and a warm one are forked side by side: the cold one takes the
+    first tasks, one fewer than the cores (the warm-up takes one), while the other warms. Those first tasks
+    pay torch's first-use costs themselves, as a pool's workers do; later ones wait for the warm server
+    rather than pay them again. Once the warm server reports
+    ready, every new task goes to it, and the cold one exits when its last task process has (its children die
+    with it: PR_SET_PDEATHSIG).
+    """
+
     name = "forkserver"
 
-    def __init__(self, cpus_wanted: int = 1) -> None:
+    def __init__(self, cpus_wanted: int = 1, cold_limit: int | None = None) -> None:
         self._cpus_wanted = cpus_wanted
-        self._sock: socket.socket | None = None
-        self._server_pid: int | None = None
-        self._process: Any = None  # the multiprocessing.Process when started with spawn
+        self._cold_limit = max(1, cores() - 1) if cold_limit is None else cold_limit
+        self._warm: _Server | None = None
+        self._cold: _Server | None = None
         self._next_id = 0
         self._preload: list[str] = []
         self.restarts = 0
         self._lost: list[tuple[ServerChild, ExitInfo]] = []   # exits learnt outside on_ready
-        self._starting: dict[int, ServerChild] = {}
-        self._by_pid: dict[int, ServerChild] = {}
         self.forked = False
 
-    # -- starting and stopping the server
+    # -- starting and stopping the servers
 
     def fork_is_safe(self) -> str | None:
         """Why forking this process would be unsafe, or None when it is safe."""
@@ -246,127 +301,171 @@ class ForkServerLauncher:
 
     def start(self, preload: list[str]) -> None:
         self._preload = preload
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reason = self.fork_is_safe()
+        if reason is not None:
+            log.info("starting the fork server with spawn: %s", reason)
+        if self._cold_limit > 0:
+            self._cold = self._start_server(warm=False, spawn_reason=reason)
+        self._warm = self._start_server(warm=True, spawn_reason=reason)
+
+    def _start_server(self, warm: bool, spawn_reason: str | None) -> _Server:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
-        if reason is None:
+        process = None
+        if spawn_reason is None:
             pid = os.fork()
             if pid == 0:
                 ours.close()
                 code = 1
                 try:
-                    server_main(theirs, [], parent)
+                    server_main(theirs, [], parent, warm)
                     code = 0
                 finally:
                     os._exit(code)
-            self._server_pid = pid
             self.forked = True
         else:
-            log.info("starting the fork server with spawn: %s", reason)
-            self._process = mp.get_context("spawn").Process(
-                target=server_main, args=(theirs, ["torch", *preload], parent), name="fedsup-forkserver"
-            )
-            self._process.start()
-            self._server_pid = self._process.pid
+            process = mp.get_context("spawn").Process(
+                target=server_main, args=(theirs, ["torch", *self._preload], parent, warm),
+                name="fedsup-forkserver")
+            process.start()
+            assert process.pid is not None
+            pid = process.pid
         theirs.close()
-        self._sock = ours
+        return _Server(ours, pid, warm, process, ready=not warm)
 
     def alive(self) -> bool:
-        return self._sock is not None
+        return self._warm is not None
 
     def close(self) -> None:
-        if self._sock is None:
-            return
-        try:
-            self._sock.send(pickle.dumps(("stop",)))
-        except OSError:
-            pass
-        self._reap_server()
+        for server in (self._cold, self._warm):
+            if server is not None:
+                try:
+                    server.sock.send(pickle.dumps(("stop",)))
+                except OSError:
+                    pass
+                self._reap_server(server)
+        self._cold = self._warm = None
 
-    def _reap_server(self) -> None:
+    @staticmethod
+    def _reap_server(server: _Server) -> None:
         """Close our end of the server's socket and wait for the server to be gone."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._process is not None:
-            self._process.join()
-            self._process.close()
-            self._process = None
-        elif self._server_pid is not None:
-            os.waitpid(self._server_pid, 0)
-        self._server_pid = None
+        server.sock.close()
+        if server.process is not None:
+            server.process.join()
+            server.process.close()
+        else:
+            os.waitpid(server.pid, 0)
+
+    def _servers(self) -> list[_Server]:
+        return [s for s in (self._cold, self._warm) if s is not None]
 
     # -- children
 
     def spawn(self, spec: ChildSpec) -> ServerChild:
-        if self._sock is None:  # it died (killed from outside): start another, the tasks go on
+        if self._warm is None:  # it died (killed from outside): start another, the tasks go on
             self.restarts += 1
             log.warning("restarting the fork server (restart %d)", self.restarts)
-            self.start(self._preload)
-        assert self._sock is not None
+            self._warm = self._start_server(warm=True, spawn_reason=self.fork_is_safe())
+        cold = self._cold
+        use_cold = (cold is not None and not self._warm.ready and not cold.retiring
+                    and cold.asked < self._cold_limit)
+        server = cold if use_cold and cold is not None else self._warm
         parent_conn, child_conn = mp.Pipe(duplex=True)
         self._next_id += 1
         request = pickle.dumps(("spawn", self._next_id, spec))
         try:
-            socket.send_fds(self._sock, [request], [child_conn.fileno()])
-        except OSError:  # the server died since the last wait: report its children, start another
-            self._lost.extend(self._server_lost([]))
+            socket.send_fds(server.sock, [request], [child_conn.fileno()])
+        except OSError:  # the server died since the last wait: report its children, ask another
+            self._lost.extend(self._server_lost(server, []))
             child_conn.close()
             parent_conn.close()
             return self.spawn(spec)
         child_conn.close()
         child = ServerChild(parent_conn)
-        self._starting[self._next_id] = child
+        server.starting[self._next_id] = child
+        server.asked += 1
         return child
 
     def waitables(self) -> list[Any]:
-        return [self._sock] if self._sock is not None else []
+        return [s.sock for s in self._servers()]
 
     def pending_exits(self) -> list[tuple[ServerChild, ExitInfo]]:
         lost, self._lost = self._lost, []
         return lost
 
     def on_ready(self, obj: Any) -> list[tuple[ServerChild, ExitInfo]]:
-        """Read the server's reports; return the children that exited, with how."""
+        """Read a server's reports; return the children that exited, with how."""
         exited: list[tuple[ServerChild, ExitInfo]] = []
-        if self._sock is None or obj is not self._sock:
+        server = next((s for s in self._servers() if s.sock is obj), None)
+        if server is None:
             return exited
         while True:
             try:
-                data = self._sock.recv(4096, socket.MSG_DONTWAIT)
+                data = server.sock.recv(4096, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return exited
             except OSError:
                 data = b""
             if not data:
-                return self._server_lost(exited)
-            message = pickle.loads(data)
-            if message[0] == "started":
-                child = self._starting.pop(message[1])
-                child.pid = message[2]
-                self._by_pid[child.pid] = child
-                if child.pending_signal is not None:
-                    kill_group(child.pid, child.pending_signal)
-            elif message[0] == "exited":
-                child = self._by_pid.pop(message[1])
-                child.exit = ExitInfo.from_wait_status(message[2])
-                exited.append((child, child.exit))
+                return self._server_gone(server, exited)
+            self._on_report(server, pickle.loads(data), exited)
 
-    def _server_lost(self, exited: list[tuple[ServerChild, ExitInfo]]) -> list[tuple[ServerChild, ExitInfo]]:
-        """The server died: its children died with it (PDEATHSIG). Report them all as killed."""
-        log.error("the fork server died; its task processes died with it")
+    def _on_report(self, server: _Server, message: tuple[Any, ...],
+                   exited: list[tuple[ServerChild, ExitInfo]]) -> None:
+        if message[0] == "ready":
+            server.ready = True
+            if self._cold is not None and not self._cold.retiring:
+                self._cold.retiring = True
+                try:
+                    self._cold.sock.send(pickle.dumps(("retire",)))
+                except OSError:
+                    pass  # it died: its end of file comes through on_ready
+        elif message[0] == "started":
+            child = server.starting.pop(message[1])
+            child.pid = message[2]
+            server.by_pid[child.pid] = child
+            if child.pending_signal is not None:
+                kill_group(child.pid, child.pending_signal)
+        elif message[0] == "exited":
+            child = server.by_pid.pop(message[1])
+            child.exit = ExitInfo.from_wait_status(message[2])
+            exited.append((child, child.exit))
+
+    def _server_gone(self, server: _Server,
+                     exited: list[tuple[ServerChild, ExitInfo]]) -> list[tuple[ServerChild, ExitInfo]]:
+        if server.retiring and server.holds() == 0:  # a cold server, done: it exited as asked
+            self._forget(server)
+            self._reap_server(server)
+            return exited
+        return self._server_lost(server, exited)
+
+    def _server_lost(self, server: _Server,
+                     exited: list[tuple[ServerChild, ExitInfo]]) -> list[tuple[ServerChild, ExitInfo]]:
+        """A server died: its children died with it (PDEATHSIG). Report them all as killed."""
+        log.error("a fork server died; its task processes died with it")
         lost = ExitInfo(None, signal.SIGKILL, cause="the fork server died, and its task processes with it")
-        for child in [*self._starting.values(), *self._by_pid.values()]:
+        for child in [*server.starting.values(), *server.by_pid.values()]:
             child.exit = lost
             exited.append((child, lost))
-        self._starting.clear()
-        self._by_pid.clear()
-        self._reap_server()
+        server.starting.clear()
+        server.by_pid.clear()
+        self._forget(server)
+        self._reap_server(server)
         return exited
 
+    def _forget(self, server: _Server) -> None:
+        if server is self._cold:
+            self._cold = None
+        if server is self._warm:
+            self._warm = None
 
-def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int) -> None:
-    """The fork server's loop: fork children on request, reap them, report their exits."""
+
+def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, warm: bool = True) -> None:
+    """A fork server's loop: fork children on request, reap them, report their exits.
+
+    A warm server first pays torch's first-use costs and says "ready"; a cold one serves at once. Told to
+    retire, a server forks nothing more and returns once its last child has been reaped.
+    """
     die_with_parent(supervisor_pid)
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -376,40 +475,54 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int) ->
     signal.signal(signal.SIGCHLD, lambda *_: None)
     for module in preload:
         importlib.import_module(module)
-    warm_torch()
+    if warm:
+        warm_torch()
+        prepare_to_fork()
+        sock.send(pickle.dumps(("ready",)))
+    else:
+        gc.freeze()  # cheap (no collection): a child's collections then leave the inherited heap alone
     me = os.getpid()
-    while True:
+    children = 0
+    retiring = False
+    while not (retiring and children == 0):
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
             os.read(wake_r, 4096)
-            _reap(sock)
-        if sock.fileno() in ready:
-            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
-            if not data:
-                return  # the supervisor is gone
-            request = pickle.loads(data)
-            if request[0] == "stop":
-                return
-            _, request_id, spec = request
-            pid = os.fork()
-            if pid == 0:
-                _become_child(sock, wake_r, wake_w, fds[0], spec, me)
-            os.close(fds[0])
-            try:
-                os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
-            except OSError:
-                pass
-            sock.send(pickle.dumps(("started", request_id, pid)))
+            children -= _reap(sock)
+        if sock.fileno() not in ready:
+            continue
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+        if not data:
+            return  # the supervisor is gone
+        request = pickle.loads(data)
+        if request[0] == "stop":
+            return
+        if request[0] == "retire":
+            retiring = True
+            continue
+        _, request_id, spec = request
+        pid = os.fork()
+        if pid == 0:
+            _become_child(sock, wake_r, wake_w, fds[0], spec, me)
+        children += 1
+        os.close(fds[0])
+        try:
+            os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
+        except OSError:
+            pass
+        sock.send(pickle.dumps(("started", request_id, pid)))
 
 
-def _reap(sock: socket.socket) -> None:
+def _reap(sock: socket.socket) -> int:
+    reaped = 0
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped += 1
         sock.send(pickle.dumps(("exited", pid, status)))
 
 

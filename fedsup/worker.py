@@ -201,13 +201,18 @@ def save_state(state: dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, cuda: bool) -> None:
+    """Seed Python, numpy and torch; torch's CUDA generators only for a task placed on a GPU (seeding them in
+    a process without CUDA queues a lazy call that costs a stack trace read from the source files)."""
     import random
 
     random.seed(seed)
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.manual_seed(seed)
+        if cuda or torch.cuda.is_initialized():
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed(seed % 2**32)
@@ -352,7 +357,7 @@ class Worker:
             for key, value in command.context.items():
                 setattr(self.task, key, load_state(value) if isinstance(value, StateRef) else value)
             if command.seed is not None:
-                seed_everything(command.seed)
+                seed_everything(command.seed, cuda=command.cuda_visible is not None)
             if command.method == "initial_state":
                 result = {"state": self.task.initial_state(), "num_examples": 1}
             else:
