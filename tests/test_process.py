@@ -24,7 +24,7 @@ import pytest
 import toys
 
 import fedsup
-from fedsup import FaultPlan, Supervisor, TaskRecord, TaskStatus
+from fedsup import FaultPlan, Supervisor, TaskRecord, TaskStatus, launch
 from fedsup.faults import FAULT_KINDS
 from fedsup.states import allowed
 
@@ -366,6 +366,19 @@ def test_load_timeout_does_not_count_the_fork_server_start() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_first_tasks_start_from_a_cold_server_while_the_warm_one_gets_ready() -> None:
+    # The first spawns go to the cold server (one fewer than the cores), every later one waits for the warm
+    # server: so the first tasks have one parent, the rest another, and nothing is left running at the end.
+    cold = max(1, launch.cores() - 1)
+    tasks = [toys.Ok(f"task-{i}") for i in range(cold + 2)]
+    records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks)).run(tasks)
+    assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
+    parents = [r.result["ppid"] for r in records]
+    assert len(set(parents[:cold])) == 1 and len(set(parents[cold:])) == 1, parents
+    assert parents[0] != parents[-1]
+
+
+@pytest.mark.timeout(120)
 def test_ended_task_leaves_no_process_of_its_own(fifo: Any) -> None:
     tasks = [toys.WithHelper("crashes", fifo.path, "exit"), toys.WithHelper("returns", fifo.path, "return")]
     crashed, returned = Supervisor("cpu", max_retries=0).run(tasks)
@@ -549,12 +562,13 @@ def test_interrupted_run_stops_in_order(run_dir: Path, fifo: Any, sig: int, twic
         tree = [supervisor, *supervisor.children(recursive=True)]
         pids = {p.pid for p in tree}
         assert {int(pid) for pid in announced.values()} <= pids
-        # the supervisor, the fork server, and three task processes (two training, one loaded and waiting)
-        assert len(tree) == 5, [(p.pid, p.cmdline()) for p in tree]
+        # the supervisor, its fork servers (the warm one, and the cold one while a task it started lives), and
+        # three task processes (two training, one loaded and waiting)
         servers = supervisor.children()
-        tasks = servers[0].children()
+        tasks = [p for s in servers for p in s.children()]
         waiting = [p for p in tasks if str(p.pid) not in announced.values()]
-        assert len(servers) == 1 and len(tasks) == 3 and len(waiting) == 1
+        assert len(tree) == 1 + len(servers) + len(tasks), [(p.pid, p.cmdline()) for p in tree]
+        assert len(servers) in (1, 2) and len(tasks) == 3 and len(waiting) == 1
 
         os.killpg(proc.pid, sig)  # as a terminal does: the foreground process group (the tasks have their own)
         if twice:

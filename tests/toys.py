@@ -55,7 +55,7 @@ def block_forever() -> None:
 
 
 def _base(task: fedsup.Task, device: str) -> dict[str, Any]:
-    return {"task_id": task.task_id, "pid": os.getpid(), "device": device}
+    return {"task_id": task.task_id, "pid": os.getpid(), "ppid": os.getppid(), "device": device}
 
 
 # ---------------------------------------------------------------- tasks that succeed
