@@ -43,6 +43,7 @@ class Train:
     federated: bool = False
     state_path: str | None = None
     seed: int | None = None      # seeds torch, random and numpy before the call, for reproducible rounds
+    cuda_limit: int | None = None  # enforce_memory on a GPU: bytes torch's allocator may hold in this process
 
 
 @dataclass(frozen=True)

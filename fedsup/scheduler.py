@@ -66,7 +66,7 @@ class Policy:
     grace_period: float = 5.0     # after a stop signal: time for EXIT before SIGTERM, then SIGKILL
     faults: FaultPlan | None = None
     keep_loaded: bool = False     # park a finished task's process, loaded, for the same client's next task
-    enforce_memory: bool = False  # hold each task to estimate_memory (RLIMIT_AS over its start size)
+    enforce_memory: bool = False  # hold each task to its estimates: host (RLIMIT_AS), GPU (allocator cap)
     tasks_per_process: int = 1    # >1: a process that finished a task may load another (no fork; less isolation)
 
 
@@ -368,8 +368,9 @@ class Scheduler:
         self._set_deadline(handle, handle.method, self.policy.train_timeout)
         visible = str(device.index) if device.is_gpu else None
         local = "cuda:0" if device.is_gpu else "cpu"
+        cuda_limit = handle.estimate_cuda if (self.policy.enforce_memory and device.is_gpu) else None
         command = Train(device.name, local, visible, fault, handle.method, handle.context,  # type: ignore[arg-type]
-                        handle.federated, handle.state_path, handle.seed)
+                        handle.federated, handle.state_path, handle.seed, cuda_limit or None)
         self.runtime.send(handle.child, command)
         handle.transition(S.TRAINING, device=device.name, fault=fault)
 

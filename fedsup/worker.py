@@ -116,6 +116,23 @@ def limit_memory(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
+def lift_host_limit() -> None:
+    """Drop an address-space limit (enforce_memory) before CUDA starts: its driver maps tens of GiB of
+    virtual memory at initialisation, which no limit sized to a task's host memory allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
+def limit_cuda_memory(limit: int) -> None:
+    """Cap what torch's allocator may hold on this process's GPU at ``limit`` bytes (enforce_memory): past
+    it, allocations raise torch.cuda.OutOfMemoryError, which the supervisor answers with a larger estimate."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), 0)
+
+
 # ---------------------------------------------------------------- measurement
 
 
@@ -352,8 +369,11 @@ class Worker:
     def train(self, command: Train) -> None:
         if command.cuda_visible is not None and _cuda() is None:
             os.environ["CUDA_VISIBLE_DEVICES"] = command.cuda_visible
+            lift_host_limit()  # CUDA reserves far more address space than any host limit would allow
 
         def call() -> Any:
+            if command.cuda_limit:
+                limit_cuda_memory(command.cuda_limit)
             for key, value in command.context.items():
                 setattr(self.task, key, load_state(value) if isinstance(value, StateRef) else value)
             if command.seed is not None:

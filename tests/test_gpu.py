@@ -58,3 +58,15 @@ def test_cuda_context_size(tmp_path: Path, record_property: object) -> None:
     used, reserved = record.result["nvml_used"], record.result["torch_reserved"]
     print(f"\nCUDA context: NVML {used / 2**20:.0f} MiB for the process, torch reserved {reserved / 2**20:.0f} MiB")
     assert used is None or used > 0
+
+
+@pytest.mark.timeout(180)
+def test_enforced_estimate_too_small_runs_out_of_memory_then_finishes(tmp_path: Path) -> None:
+    # 1 GiB held under a 256 MiB estimate: capped by enforce_memory, the first attempts run out of GPU memory
+    # and are requeued with the estimate raised (256 -> 512 -> 768 -> 1152 MiB) until the task fits.
+    task = Allocate("small-estimate", 1.0, "256MiB")
+    record = fedsup.Supervisor(devices="auto", enforce_memory=True, max_interrupts=5).run([task])[0]
+    assert record.status is fedsup.TaskStatus.FINISHED, record.error
+    assert [a.status for a in record.history[:-1]] == [fedsup.TaskStatus.INTERRUPT] * (record.attempts - 1)
+    assert record.attempts >= 2 and all(a.error.kind == "cuda_oom" for a in record.history[:-1])
+    assert record.estimate_cuda_memory >= 1024**3

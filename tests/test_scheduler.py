@@ -356,6 +356,18 @@ def test_cuda_oom_grows_by_at_least_256_mib():
         assert r.estimate_cuda_memory == grown
 
 
+def test_enforced_memory_caps_a_gpu_task_at_its_current_estimate():
+    # With enforce_memory, each TRAIN on a GPU carries the estimate the attempt was placed with (raised after
+    # an OOM); on the CPU, and without enforce_memory, there is no cap.
+    tasks = [T("g", estimate_cuda_memory="1GiB"), T("c", device="cpu", estimate_cuda_memory="1GiB")]
+    _, rt, _ = run(tasks, inventory=gpus("16GiB"), enforce_memory=True,
+                   scripts={"g": [Behaviour(train=fail("cuda_oom")), Behaviour()]})
+    assert [e.what.cuda_limit for e in rt.sends(Train, "g")] == [GiB, 1536 * MiB]
+    assert [e.what.cuda_limit for e in rt.sends(Train, "c")] == [None]
+    _, rt, _ = run([T("g", estimate_cuda_memory="1GiB")], inventory=gpus("16GiB"))
+    assert [e.what.cuda_limit for e in rt.sends(Train)] == [None]
+
+
 def test_cuda_oom_growth_factor_is_the_policy_s():
     records, _, _ = run([T("t", estimate_cuda_memory="2GiB")], inventory=gpus("16GiB"), oom_growth=2.0,
                         scripts={"t": [Behaviour(train=fail("cuda_oom")), Behaviour()]})
