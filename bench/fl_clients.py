@@ -68,15 +68,10 @@ def initial_state() -> State:
         return make_model().state_dict()
 
 
-def train_client(client_id: int, round_: int, global_state: State, x: torch.Tensor, y: torch.Tensor,
-                 model: torch.nn.Module | None = None, device: str = "cpu") -> dict[str, Any]:
-    """One epoch from the global model; the fedsup result contract: state, num_examples, metrics."""
-    started = time.time()
-    model = (model if model is not None else make_model()).to(device)
-    model.load_state_dict(global_state)
-    x, y = x.to(device), y.to(device)
+def sgd_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[float, int]:
+    """One epoch of SGD in an order shuffled by ``seed``: the mean loss and the number of batches."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(client_id * 1_000 + round_))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     total, batches = 0.0, 0
     model.train()
     for start in range(0, len(x), BATCH):
@@ -87,8 +82,18 @@ def train_client(client_id: int, round_: int, global_state: State, x: torch.Tens
         opt.step()
         total += loss.item()
         batches += 1
+    return total / batches, batches
+
+
+def train_client(client_id: int, round_: int, global_state: State, x: torch.Tensor, y: torch.Tensor,
+                 model: torch.nn.Module | None = None, device: str = "cpu") -> dict[str, Any]:
+    """One epoch from the global model; the fedsup result contract: state, num_examples, metrics."""
+    started = time.time()
+    model = (model if model is not None else make_model()).to(device)
+    model.load_state_dict(global_state)
+    loss, _ = sgd_epoch(model, x.to(device), y.to(device), seed=client_id * 1_000 + round_)
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "num_examples": len(x),
-            "loss": total / batches, "train_started": started, "train_ended": time.time()}
+            "loss": loss, "train_started": started, "train_ended": time.time()}
 
 
 def client_job(client_id: int, round_: int, global_state: State) -> dict[str, Any]:

@@ -179,12 +179,8 @@ def supervised(clients: int, samples: int, estimate: int, index: int | None, **o
 
 
 def max_concurrent(spans: list[tuple[float, float]]) -> int:
-    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    level = peak = 0
-    for _, step in edges:
-        level += step
-        peak = max(peak, level)
-    return peak
+    """The most spans open at one of their own starts (enough for a few dozen clients)."""
+    return max((sum(1 for s, e in spans if s <= t < e) for t, _ in spans), default=0)
 
 
 def probe(samples: int, index: int) -> int:

@@ -267,9 +267,10 @@ class ForkServerLauncher:
 
     Warming a server costs ~2 s (``warm_torch``), during which it forks nothing. So at the start of a run a
     cold server (torch imported, nothing else) and a warm one are forked side by side: the cold one takes the
-    first tasks, one fewer than the cores (the warm-up takes one), while the other warms. Those first tasks
-    pay torch's first-use costs themselves, as a pool's workers do; later ones wait for the warm server
-    rather than pay them again. Once the warm server reports
+    first tasks, at most one fewer than the cores at once (the warm-up takes one) and twice that in all
+    (room for a short first task, such as computing the initial model, and the wave after it), while the
+    other warms. Those tasks pay torch's first-use costs themselves, as a pool's workers do; later ones wait
+    for the warm server rather than pay them again. Once the warm server reports
     ready, every new task goes to it, and the cold one exits when its last task process has (its children die
     with it: PR_SET_PDEATHSIG).
     """
@@ -368,7 +369,7 @@ class ForkServerLauncher:
             self._warm = self._start_server(warm=True, spawn_reason=self.fork_is_safe())
         cold = self._cold
         use_cold = (cold is not None and not self._warm.ready and not cold.retiring
-                    and cold.asked < self._cold_limit)
+                    and cold.holds() < self._cold_limit and cold.asked < 2 * self._cold_limit)
         server = cold if use_cold and cold is not None else self._warm
         parent_conn, child_conn = mp.Pipe(duplex=True)
         self._next_id += 1

@@ -81,6 +81,7 @@ class Job:
     state_path: str | None = None
     seed: int | None = None
     federated: bool = False
+    park: bool = True              # with keep_loaded, keep the process loaded for the task's next job
 
 
 class Scheduler:
@@ -128,7 +129,7 @@ class Scheduler:
         for job in jobs:
             handle = TaskHandle(job.task, len(self.handles), self._on_transition, task_id=job.task_id,
                                 method=job.method, context=job.context, state_path=job.state_path, seed=job.seed,
-                                federated=job.federated)
+                                federated=job.federated, park=job.park)
             self.handles.append(handle)
             handles.append(handle)
             self.outstanding += 1
@@ -401,7 +402,7 @@ class Scheduler:
         """Keep a finished task's process loaded for its client's next task, unless the run is stopping."""
         child = handle.child
         keep = self.policy.keep_loaded or self.served.get(child, 0) < self.policy.tasks_per_process  # type: ignore[arg-type]
-        if child is None or not keep or self.stop_signal is not None:
+        if child is None or not keep or not handle.park or self.stop_signal is not None:
             self._detach(handle)
             return
         self.procs[child] = None

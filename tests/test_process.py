@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 import toys
+from fakes import max_overlap
 
 import fedsup
 from fedsup import FaultPlan, Supervisor, TaskRecord, TaskStatus, launch
@@ -84,16 +85,6 @@ def check_phase(phase: fedsup.PhaseRecord | None, name: str, since: float, until
     assert phase.cpu_time >= 0
     assert phase.peak_memory is not None and phase.peak_memory > 0
     assert phase.peak_gpu_memory is None  # nothing here uses CUDA
-
-
-def max_overlap(spans: list[tuple[float, float]]) -> int:
-    """Most intervals open at once; an interval ending at t does not overlap one starting at t."""
-    points = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    most = current = 0
-    for _, step in points:
-        current += step
-        most = max(most, current)
-    return most
 
 
 def pidfd_wait(pid: int, timeout: float) -> None:
