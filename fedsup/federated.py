@@ -285,10 +285,10 @@ class Federation:
         client = self.clients[0]
         if type(client).initial_state is Task.initial_state:
             return None
-        # Not parked for client 0: the first round may not sample it, and an idle process would hold one of
-        # the few task processes the cold fork server starts while the warm one gets ready.
+        # One-off: not kept for client 0 (the first round may not sample it), and not counted against the
+        # few processes the cold fork server starts while the warm one gets ready.
         job = Job(client, task_id="initial-state", method="initial_state", federated=True,
-                  state_path=str(initial), seed=derive_seed(self.spec.seed, "initial"), park=False)
+                  state_path=str(initial), seed=derive_seed(self.spec.seed, "initial"), one_off=True)
         initial.parent.mkdir(parents=True, exist_ok=True)
         record = session.run([job])[0]
         self._check_contract(record)

@@ -27,7 +27,7 @@ class TaskHandle:
 
     def __init__(self, task: Task, index: int, listener: Listener | None = None, *, task_id: str | None = None,
                  method: str = "train", context: dict[str, Any] | None = None, state_path: str | None = None,
-                 seed: int | None = None, federated: bool = False, park: bool = True) -> None:
+                 seed: int | None = None, federated: bool = False, one_off: bool = False) -> None:
         self.task = task
         self.index = index
         self.id = task_id or task.task_id
@@ -37,7 +37,7 @@ class TaskHandle:
         self.state_path = state_path
         self.seed = seed
         self.federated = federated
-        self.park = park
+        self.one_off = one_off
         self.status = TaskStatus.INIT
         self.listener = listener
         self.estimate_cuda = task.estimate_cuda_memory

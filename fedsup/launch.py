@@ -254,7 +254,7 @@ class _Server:
     process: Any = None           # the multiprocessing.Process when started with spawn
     ready: bool = False           # warm and forking (a cold server is ready from the start)
     retiring: bool = False        # told to exit once its last child has
-    asked: int = 0                # children requested from it, ever
+    asked: int = 0                # children requested from it, ever (one-off jobs aside)
     starting: dict[int, ServerChild] = field(default_factory=dict)
     by_pid: dict[int, ServerChild] = field(default_factory=dict)
 
@@ -267,10 +267,10 @@ class ForkServerLauncher:
 
     Warming a server costs ~2 s (``warm_torch``), during which it forks nothing. So at the start of a run a
     cold server (torch imported, nothing else) and a warm one are forked side by side: the cold one takes the
-    first tasks, at most one fewer than the cores at once (the warm-up takes one) and twice that in all
-    (room for a short first task, such as computing the initial model, and the wave after it), while the
-    other warms. Those tasks pay torch's first-use costs themselves, as a pool's workers do; later ones wait
-    for the warm server rather than pay them again. Once the warm server reports
+    first tasks, one fewer than the cores (the warm-up takes one), while the other warms; a one-off job that
+    trains nothing (a federated run's initial model) may go there too without counting. Those first tasks
+    pay torch's first-use costs themselves, as a pool's workers do; later ones wait for the warm server
+    rather than pay them again. Once the warm server reports
     ready, every new task goes to it, and the cold one exits when its last task process has (its children die
     with it: PR_SET_PDEATHSIG).
     """
@@ -369,7 +369,7 @@ class ForkServerLauncher:
             self._warm = self._start_server(warm=True, spawn_reason=self.fork_is_safe())
         cold = self._cold
         use_cold = (cold is not None and not self._warm.ready and not cold.retiring
-                    and cold.holds() < self._cold_limit and cold.asked < 2 * self._cold_limit)
+                    and cold.holds() < self._cold_limit and (spec.one_off or cold.asked < self._cold_limit))
         server = cold if use_cold and cold is not None else self._warm
         parent_conn, child_conn = mp.Pipe(duplex=True)
         self._next_id += 1
@@ -384,7 +384,7 @@ class ForkServerLauncher:
         child_conn.close()
         child = ServerChild(parent_conn)
         server.starting[self._next_id] = child
-        server.asked += 1
+        server.asked += 0 if spec.one_off else 1
         return child
 
     def waitables(self) -> list[Any]:

@@ -81,7 +81,9 @@ class Job:
     state_path: str | None = None
     seed: int | None = None
     federated: bool = False
-    park: bool = True              # with keep_loaded, keep the process loaded for the task's next job
+    # A short job that builds no model to train (a federated run's initial model): its process is not kept
+    # for the task's next job, and the cold fork server may start it beyond its budget.
+    one_off: bool = False
 
 
 class Scheduler:
@@ -129,7 +131,7 @@ class Scheduler:
         for job in jobs:
             handle = TaskHandle(job.task, len(self.handles), self._on_transition, task_id=job.task_id,
                                 method=job.method, context=job.context, state_path=job.state_path, seed=job.seed,
-                                federated=job.federated, park=job.park)
+                                federated=job.federated, one_off=job.one_off)
             self.handles.append(handle)
             handles.append(handle)
             self.outstanding += 1
@@ -290,7 +292,7 @@ class Scheduler:
             handle.stderr_offset = (directory / "stderr.log").stat().st_size if os.path.exists(stderr) else 0
         limit = handle.estimate_host if (self.policy.enforce_memory and handle.estimate_host) else None
         return ChildSpec(task.task_id, task.cpus, workdir, stdout, stderr, parent_pid=self.main_pid,
-                         memory_limit=limit)
+                         memory_limit=limit, one_off=handle.one_off)
 
     def _attach(self, handle: TaskHandle, child: Child) -> None:
         handle.child = child
@@ -402,7 +404,7 @@ class Scheduler:
         """Keep a finished task's process loaded for its client's next task, unless the run is stopping."""
         child = handle.child
         keep = self.policy.keep_loaded or self.served.get(child, 0) < self.policy.tasks_per_process  # type: ignore[arg-type]
-        if child is None or not keep or not handle.park or self.stop_signal is not None:
+        if child is None or not keep or handle.one_off or self.stop_signal is not None:
             self._detach(handle)
             return
         self.procs[child] = None

@@ -48,6 +48,7 @@ class ChildSpec:
     env: dict[str, str] = field(default_factory=dict)
     parent_pid: int | None = None
     memory_limit: int | None = None   # bytes the process may grow by (address space), or None
+    one_off: bool = False             # a short job without training (see scheduler.Job.one_off)
 
 
 def die_with_parent(parent_pid: int | None) -> None:
