@@ -82,7 +82,7 @@ def train_epoch(client_id: int, x: torch.Tensor, y: torch.Tensor, device: str) -
         loss = torch.nn.functional.cross_entropy(model(x[start:start + 64]), y[start:start + 64])
         loss.backward()
         opt.step()
-        total += float(loss)
+        total += loss.item()
         batches += 1
     return {"client_id": client_id, "loss": total / batches}
 
