@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 
 from fedsup.forking import prepare_to_fork
-from fedsup.worker import ChildSpec, child_main, die_with_parent
+from fedsup.worker import ChildSpec, child_main, die_with_parent, find_threadpools
 
 log = logging.getLogger(__name__)
 
@@ -478,6 +478,7 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
         importlib.import_module(module)
     if warm:
         warm_torch()
+        find_threadpools()
         prepare_to_fork()
         sock.send(pickle.dumps(("ready",)))
     else:

@@ -370,6 +370,22 @@ def test_first_tasks_start_from_a_cold_server_while_the_warm_one_gets_ready() ->
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.skipif(launch.cores() < 2, reason="on one core every pool has one thread anyway")
+def test_native_thread_pools_are_held_to_the_task_s_cpus() -> None:
+    # numpy's OpenBLAS was loaded here (the supervisor) and sized itself from the cores; a task with one CPU,
+    # whether its process came from the cold server or the warm one, must not use more.
+    from threadpoolctl import threadpool_info
+
+    assert any(i["internal_api"] == "openblas" and i["num_threads"] > 1 for i in threadpool_info())
+    tasks = [toys.Threads(f"one-{i}", cpus=1) for i in range(3)]
+    records = Supervisor("cpu", max_retries=0).run(tasks)
+    assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
+    assert len({r.result["ppid"] for r in records}) == 2, "tasks from both fork servers"
+    for r in records:
+        assert r.result["torch"] == 1 and r.result["pools"].get("openblas") == 1, r.result
+
+
+@pytest.mark.timeout(120)
 def test_ended_task_leaves_no_process_of_its_own(fifo: Any) -> None:
     tasks = [toys.WithHelper("crashes", fifo.path, "exit"), toys.WithHelper("returns", fifo.path, "return")]
     crashed, returned = Supervisor("cpu", max_retries=0).run(tasks)

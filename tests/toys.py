@@ -311,3 +311,17 @@ class UnpicklableTask(Ok):
     def __init__(self, task_id: str) -> None:
         super().__init__(task_id)
         self.lock = threading.Lock()
+
+
+class Threads(fedsup.Task):
+    """Reports the size of torch's pool and of every native thread pool its process has loaded."""
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        import torch
+        from threadpoolctl import threadpool_info
+
+        pools = {info["internal_api"]: info["num_threads"] for info in threadpool_info()}
+        return {**_base(self, device), "torch": torch.get_num_threads(), "pools": pools}
