@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedsup.devices import cpu_cores
 from fedsup.forking import prepare_to_fork
 from fedsup.worker import ChildSpec, child_main, die_with_parent, find_threadpools
 
@@ -47,13 +48,6 @@ log = logging.getLogger(__name__)
 # Threads this process had right after torch was imported: more later means something started threads
 # (an OpenMP pool among them) that a forked child would inherit in a broken state.
 _BASELINE_THREADS = len(os.listdir("/proc/self/task"))
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def thread_count() -> int:
@@ -270,16 +264,15 @@ class ForkServerLauncher:
     first tasks, one fewer than the cores (the warm-up takes one), while the other warms; a one-off job that
     trains nothing (a federated run's initial model) may go there too without counting. Those first tasks
     pay torch's first-use costs themselves, as a pool's workers do; later ones wait for the warm server
-    rather than pay them again. Once the warm server reports
-    ready, every new task goes to it, and the cold one exits when its last task process has (its children die
-    with it: PR_SET_PDEATHSIG).
+    rather than pay them again. Once the warm server reports ready, every new task goes to it, and the cold
+    one exits when its last task process has (its children die with it: PR_SET_PDEATHSIG).
     """
 
     name = "forkserver"
 
-    def __init__(self, cpus_wanted: int = 1, cold_limit: int | None = None) -> None:
+    def __init__(self, cpus_wanted: int = 1) -> None:
         self._cpus_wanted = cpus_wanted
-        self._cold_limit = max(1, cores() - 1) if cold_limit is None else cold_limit
+        self._cold_limit = max(1, cpu_cores() - 1)
         self._warm: _Server | None = None
         self._cold: _Server | None = None
         self._next_id = 0
@@ -305,8 +298,7 @@ class ForkServerLauncher:
         reason = self.fork_is_safe()
         if reason is not None:
             log.info("starting the fork server with spawn: %s", reason)
-        if self._cold_limit > 0:
-            self._cold = self._start_server(warm=False, spawn_reason=reason)
+        self._cold = self._start_server(warm=False, spawn_reason=reason)
         self._warm = self._start_server(warm=True, spawn_reason=reason)
 
     def _start_server(self, warm: bool, spawn_reason: str | None) -> _Server:

@@ -371,9 +371,9 @@ class Scheduler:
         self._set_deadline(handle, handle.method, self.policy.train_timeout)
         visible = str(device.index) if device.is_gpu else None
         local = "cuda:0" if device.is_gpu else "cpu"
-        cuda_limit = handle.estimate_cuda if (self.policy.enforce_memory and device.is_gpu) else None
+        enforced = self.policy.enforce_memory and device.is_gpu and handle.estimate_cuda > 0
         command = Train(device.name, local, visible, fault, handle.method, handle.context,  # type: ignore[arg-type]
-                        handle.federated, handle.state_path, handle.seed, cuda_limit or None)
+                        handle.federated, handle.state_path, handle.seed, handle.estimate_cuda if enforced else None)
         self.runtime.send(handle.child, command)
         handle.transition(S.TRAINING, device=device.name, fault=fault)
 

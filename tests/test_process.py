@@ -25,7 +25,8 @@ import toys
 from fakes import max_overlap
 
 import fedsup
-from fedsup import FaultPlan, Supervisor, TaskRecord, TaskStatus, launch
+from fedsup import FaultPlan, Supervisor, TaskRecord, TaskStatus
+from fedsup.devices import cpu_cores
 from fedsup.faults import FAULT_KINDS
 from fedsup.states import allowed
 
@@ -360,7 +361,7 @@ def test_load_timeout_does_not_count_the_fork_server_start() -> None:
 def test_first_tasks_start_from_a_cold_server_while_the_warm_one_gets_ready() -> None:
     # The first spawns go to the cold server (one fewer than the cores), every later one waits for the warm
     # server: so the first tasks have one parent, the rest another, and nothing is left running at the end.
-    cold = max(1, launch.cores() - 1)
+    cold = max(1, cpu_cores() - 1)
     tasks = [toys.Ok(f"task-{i}") for i in range(cold + 2)]
     records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks)).run(tasks)
     assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
@@ -370,7 +371,7 @@ def test_first_tasks_start_from_a_cold_server_while_the_warm_one_gets_ready() ->
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(launch.cores() < 2, reason="on one core every pool has one thread anyway")
+@pytest.mark.skipif(cpu_cores() < 2, reason="on one core every pool has one thread anyway")
 def test_native_thread_pools_are_held_to_the_task_s_cpus() -> None:
     # numpy's OpenBLAS was loaded here (the supervisor) and sized itself from the cores; a task with one CPU,
     # whether its process came from the cold server or the warm one, must not use more.
