@@ -323,10 +323,13 @@ Devices = Annotated[
 ]
 
 
-def _max_training(value: Any) -> Any:
-    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise PydanticCustomError("max_training", "expected 'auto' or a whole number >= 1")
-    return value
+def _auto_or_count(field: str) -> Any:
+    def check(value: Any) -> Any:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PydanticCustomError(field, "expected 'auto' or a whole number >= 1")
+        return value
+
+    return BeforeValidator(check)
 
 
 class TimeoutsConfig(_Section):
@@ -341,7 +344,7 @@ class SupervisorConfig(_Section):
 
     devices: Devices = "auto"
     max_loaded: int | None = Field(default=None, ge=1, description="default: the engine's (twice the CPU cores)")
-    max_training: Annotated[int | Literal["auto"], BeforeValidator(_max_training)] = "auto"
+    max_training: Annotated[int | Literal["auto"], _auto_or_count("max_training")] = "auto"
     max_retries: int = Field(default=3, ge=0)
     max_interrupts: int = Field(default=5, ge=0)
     retry_backoff: float = Field(default=0.5, ge=0)
@@ -350,7 +353,7 @@ class SupervisorConfig(_Section):
     memory_margin: Size = 256 * 1024**2
     cuda_context_memory: Size = 500 * 1024**2
     enforce_memory: bool = False
-    tasks_per_process: int = Field(default=1, ge=1)
+    tasks_per_process: Annotated[int | Literal["auto"], _auto_or_count("tasks_per_process")] = "auto"
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
 
     @model_validator(mode="after")

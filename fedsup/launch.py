@@ -91,6 +91,7 @@ class Child(Protocol):
     conn: Connection
     pid: int | None
     exit: ExitInfo | None
+    warm: bool  # started with torch's first-use costs paid (a warm server's child): its first task shows them not
 
     def sentinel(self) -> Any | None: ...
 
@@ -162,6 +163,7 @@ class SpawnChild:
         self.conn = conn
         self.pid: int | None = process.pid
         self.exit: ExitInfo | None = None
+        self.warm = False
 
     def sentinel(self) -> Any:
         return self.process.sentinel
@@ -217,10 +219,11 @@ class SpawnLauncher:
 
 
 class ServerChild:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, warm: bool) -> None:
         self.conn = conn
         self.pid: int | None = None
         self.exit: ExitInfo | None = None
+        self.warm = warm
         self.pending_signal: int | None = None
 
     def sentinel(self) -> None:
@@ -374,7 +377,7 @@ class ForkServerLauncher:
             parent_conn.close()
             return self.spawn(spec)
         child_conn.close()
-        child = ServerChild(parent_conn)
+        child = ServerChild(parent_conn, server.warm)
         server.starting[self._next_id] = child
         server.asked += 0 if spec.one_off else 1
         return child
@@ -466,12 +469,17 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    if warm:
+        # Without the collector while it imports: torch._dynamo's import alone set off collections that took a
+        # quarter of the warm-up, and the huge-page collapse after it ran ~10x slower over the heap they left.
+        gc.disable()
     for module in preload:
         importlib.import_module(module)
     if warm:
         warm_torch()
         find_threadpools()
         prepare_to_fork()
+        gc.enable()
         sock.send(pickle.dumps(("ready",)))
     else:
         gc.freeze()  # cheap (no collection): a child's collections then leave the inherited heap alone

@@ -68,6 +68,7 @@ class Policy:
     keep_loaded: bool = False     # park a finished task's process, loaded, for the same client's next task
     enforce_memory: bool = False  # hold each task to its estimates: host (RLIMIT_AS), GPU (allocator cap)
     tasks_per_process: int = 1    # >1: a process that finished a task may load another (no fork; less isolation)
+    reuse_below: float | None = None  # only after a task that took less (s): where a fresh process costs most
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Scheduler:
         self.idle: OrderedDict[str, Child] = OrderedDict()      # loaded, parked processes by client key
         self.idle_resident: dict[Child, str | None] = {}
         self.served: dict[Child, int] = {}                      # tasks each live process has loaded
+        self.no_reuse: set[Child] = set()                       # ran a long task: never takes another one
         self.exit_deadlines: dict[Child, tuple[float, int]] = {}  # told to exit: (when to escalate, stage)
         self.outstanding = 0                                    # submitted handles without an outcome
         self.peak_procs = 0                                     # the most processes alive at once
@@ -249,7 +251,7 @@ class Scheduler:
         for key, child in self.idle.items():
             resident = self.idle_resident.get(child)
             if (key not in wanted and self.served.get(child, 0) < self.policy.tasks_per_process
-                    and (resident is None or resident in allowed)):
+                    and child not in self.no_reuse and (resident is None or resident in allowed)):
                 del self.idle[key]
                 return child
         return None
@@ -403,7 +405,11 @@ class Scheduler:
     def _park(self, handle: TaskHandle) -> None:
         """Keep a finished task's process loaded for its client's next task, unless the run is stopping."""
         child = handle.child
-        keep = self.policy.keep_loaded or self.served.get(child, 0) < self.policy.tasks_per_process  # type: ignore[arg-type]
+        may_reuse = child is not None and self.served.get(child, 0) < self.policy.tasks_per_process
+        if child is not None and may_reuse and not self._short(handle, child):
+            self.no_reuse.add(child)  # the same client may still adopt it (keep_loaded), no other task
+            may_reuse = False
+        keep = self.policy.keep_loaded or may_reuse
         if child is None or not keep or handle.one_off or self.stop_signal is not None:
             self._detach(handle)
             return
@@ -411,6 +417,16 @@ class Scheduler:
         self.idle[handle.key] = child
         self.idle_resident[child] = handle.resident
         handle.child = None
+
+    def _short(self, handle: TaskHandle, child: Child) -> bool:
+        """Whether the task just finished ran for less than ``reuse_below``: a fresh process for the next task
+        would then cost a large share of what the task itself cost. The first task of a process that started
+        cold paid torch's first-use costs (~1-2 s) that its next task will not: it is not judged."""
+        limit, attempt = self.policy.reuse_below, handle.attempt
+        if limit is None or attempt is None or (not child.warm and self.served.get(child, 0) == 1):
+            return True
+        phases = (attempt.load, attempt.train, attempt.evaluate, attempt.initial_state)
+        return sum(p.duration for p in phases if p is not None) < limit
 
     def _detach(self, handle: TaskHandle) -> None:
         """Tell the process to exit and stop tying it to the task; its exit is still awaited and reaped."""
@@ -474,6 +490,7 @@ class Scheduler:
         handle = self.procs.pop(child)
         self.exit_deadlines.pop(child, None)
         self.served.pop(child, None)
+        self.no_reuse.discard(child)
         self.host_reserved -= self.proc_memory.pop(child, 0)
         if child in self.idle_resident:  # a parked process died between rounds: its client loads afresh
             self.idle_resident.pop(child)

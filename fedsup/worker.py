@@ -8,6 +8,7 @@ the parent's size in a forked child), CPU time is a getrusage delta, GPU peak is
 from __future__ import annotations
 
 import ctypes
+import gc
 import io
 import os
 import resource
@@ -382,6 +383,10 @@ class Worker:
     def load(self, command: Load) -> None:
         if command.setup is not None:  # a new task for a process that finished another
             self.task = None
+            cuda = _cuda()
+            if cuda is not None:  # give the last task's cached GPU memory back: the ledger counts it free
+                gc.collect()
+                cuda.empty_cache()
             place(command.setup)
             limit_threads(command.setup.cpus)
         self.send(Began(os.getpid()))

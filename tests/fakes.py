@@ -120,6 +120,7 @@ class FakeChild:
         self.conn = None
         self.pid: int | None = pid
         self.exit: ExitInfo | None = None
+        self.warm = True
         self.task_id = task_id
         self.attempt = attempt
         self.spec = spec

@@ -1,5 +1,6 @@
 """tasks_per_process: a process that finished a task may load the next one, up to a limit; never after a
-failure; each task still gets its own folder and logs."""
+failure; each task still gets its own folder and logs. The default, "auto", reuses a process only after a
+short task (under ``AUTO_REUSE_BELOW``), where a fresh process would cost a large share of the task."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from typing import Any
 import pytest
 
 import fedsup
+from fakes import Behaviour, FakeRuntime, ok
+from fedsup.devices import Inventory
+from fedsup.scheduler import Policy, Scheduler
+from fedsup.supervisor import AUTO_REUSE_BELOW, process_reuse
+from fedsup.task import Task
 
 
 class Echo(fedsup.Task):
@@ -55,6 +61,69 @@ def test_a_process_is_not_reused_after_a_failure(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_one_process_per_task_is_the_default(tmp_path: Path) -> None:
-    records = fedsup.Supervisor(devices="cpu", max_loaded=1).run([Echo(f"t{i}") for i in range(3)])
+def test_one_process_per_task_on_request(tmp_path: Path) -> None:
+    records = fedsup.Supervisor(devices="cpu", max_loaded=1, tasks_per_process=1).run(
+        [Echo(f"t{i}") for i in range(3)])
     assert len({r.result["pid"] for r in records}) == 3
+
+
+@pytest.mark.timeout(120)
+def test_short_tasks_share_processes_by_default(tmp_path: Path) -> None:
+    records = fedsup.Supervisor(devices="cpu", cpus=1, max_loaded=1, run_dir=tmp_path).run(
+        [Echo(f"t{i}") for i in range(4)])
+    assert all(r.ok for r in records)
+    # the first may run in the cold server's process, the rest in one from the warm server
+    assert len({r.result["pid"] for r in records}) <= 2
+    for r in records:
+        assert (tmp_path / "tasks" / r.task_id / "stdout.log").read_text() == f"loading {r.task_id}\n"
+
+
+# ---------------------------------------------------------------- the "auto" rule, with a fake runtime
+
+
+class T(Task):
+    def load(self) -> None:  # pragma: no cover - the fake runtime plays the process
+        pass
+
+    def train(self, device: str) -> None:  # pragma: no cover
+        return None
+
+
+def _spawns(train_seconds: float, *, cold: bool = False, tasks: int = 4) -> int:
+    """How many processes ``tasks`` tasks of ``train_seconds`` each took under "auto"."""
+    runtime = FakeRuntime(default=Behaviour(load=ok(0.0), train=ok(train_seconds)))
+    if cold:  # every process starts as the cold server's children do
+        spawn = runtime.spawn
+
+        def cold_spawn(spec: Any) -> Any:
+            child = spawn(spec)
+            child.warm = False
+            return child
+
+        runtime.spawn = cold_spawn  # type: ignore[method-assign]
+    policy = Policy(max_loaded=1, **process_reuse("auto"))
+    records = Scheduler(policy, Inventory([], cores=1), runtime).run([T(f"t{i}") for i in range(tasks)])
+    assert all(r.ok for r in records)
+    assert runtime.live() == []
+    return sum(1 for e in runtime.log if e.action == "spawn")
+
+
+def test_auto_reuses_after_short_tasks_only() -> None:
+    assert _spawns(AUTO_REUSE_BELOW / 10) == 1
+    assert _spawns(AUTO_REUSE_BELOW * 2) == 4
+
+
+def test_auto_does_not_judge_a_cold_process_by_its_first_task() -> None:
+    # a cold process's first task paid torch's first-use costs, which its next task will not: each cold
+    # process takes a second long task, and is let go after that one
+    assert _spawns(AUTO_REUSE_BELOW * 2, cold=True) == 2
+    assert _spawns(AUTO_REUSE_BELOW / 10, cold=True) == 1
+
+
+def test_tasks_per_process_values() -> None:
+    assert process_reuse(1) == {"tasks_per_process": 1, "reuse_below": None}
+    assert process_reuse(5) == {"tasks_per_process": 5, "reuse_below": None}
+    with pytest.raises(ValueError, match="tasks_per_process"):
+        fedsup.Supervisor(devices="cpu", tasks_per_process=0)
+    with pytest.raises(ValueError, match="tasks_per_process"):
+        fedsup.Supervisor(devices="cpu", tasks_per_process="always")  # type: ignore[arg-type]
