@@ -394,12 +394,13 @@ class Federation:
         """rounds.jsonl is the commit point of a round: after it, the round's updates are no longer needed."""
         self.rounds.append(result)
         line = json.dumps(result.to_json()) + "\n"
+        assert session.run_dir is not None
+        session.run_dir.commit()  # the round's records and updates are durable before the line that commits it
         with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(self.path / "updates" / f"round-{result.round}", ignore_errors=True)
-        assert session.run_dir is not None
         session.run_dir.event(event="round_finished", round=result.round, finished=len(result.finished),
                               failed=len(result.failed), eval_metrics=result.eval_metrics)
         self._emit(event="round_finished", **result.to_json())

@@ -199,6 +199,9 @@ class SpawnLauncher:
         child_conn.close()
         return SpawnChild(process, parent_conn)
 
+    def can_spawn(self, one_off: bool) -> bool:
+        return True
+
     def waitables(self) -> list[Any]:
         return []
 
@@ -262,10 +265,11 @@ class _Server:
 class ForkServerLauncher:
     """Two generations of fork server, so that the first task starts at once and later ones start warm.
 
-    Warming a server costs ~2 s (``warm_torch``), during which it forks nothing. So at the start of a run a
-    cold server (torch imported, nothing else) and a warm one are forked side by side: the cold one takes the
-    first tasks, one fewer than the cores (the warm-up takes one), while the other warms; a one-off job that
-    trains nothing (a federated run's initial model) may go there too without counting. Those first tasks
+    Warming a server costs ~1 s of CPU (``warm_up``), during which it forks nothing. So at the start of a run
+    a cold server (torch imported, nothing else) and a warm one are forked side by side: the cold one takes
+    the first tasks (one per core where processes are reused, else one fewer than the cores) while the other
+    warms at idle priority; a one-off job that trains nothing (a federated run's initial model) may go there
+    too without counting. Those first tasks
     pay torch's first-use costs themselves, as a pool's workers do; later ones wait for the warm server
     rather than pay them again. Once the warm server reports ready, every new task goes to it, and the cold
     one exits when its last task process has (its children die with it: PR_SET_PDEATHSIG).
@@ -273,9 +277,11 @@ class ForkServerLauncher:
 
     name = "forkserver"
 
-    def __init__(self, cpus_wanted: int = 1) -> None:
+    def __init__(self, cpus_wanted: int = 1, reuse: bool = False) -> None:
         self._cpus_wanted = cpus_wanted
-        self._cold_limit = max(1, cpu_cores() - 1)
+        # Where processes are reused, the first ones serve many tasks, so one per core starts cold, as a
+        # pool's workers do, and the warm-up takes what CPU they leave; otherwise one core is left to it.
+        self._cold_limit = cpu_cores() if reuse else max(1, cpu_cores() - 1)
         self._warm: _Server | None = None
         self._cold: _Server | None = None
         self._next_id = 0
@@ -334,12 +340,15 @@ class ForkServerLauncher:
 
     def close(self) -> None:
         for server in (self._cold, self._warm):
-            if server is not None:
-                try:
-                    server.sock.send(pickle.dumps(("stop",)))
-                except OSError:
-                    pass
-                self._reap_server(server)
+            if server is None:
+                continue
+            if not server.ready:  # still warming up, so it has forked nothing: waiting for it is time lost
+                kill_group(server.pid, signal.SIGKILL)
+            try:
+                server.sock.send(pickle.dumps(("stop",)))
+            except OSError:
+                pass
+            self._reap_server(server)
         self._cold = self._warm = None
 
     @staticmethod
@@ -362,10 +371,8 @@ class ForkServerLauncher:
             self.restarts += 1
             log.warning("restarting the fork server (restart %d)", self.restarts)
             self._warm = self._start_server(warm=True, spawn_reason=self.fork_is_safe())
-        cold = self._cold
-        use_cold = (cold is not None and not self._warm.ready and not cold.retiring
-                    and cold.holds() < self._cold_limit and (spec.one_off or cold.asked < self._cold_limit))
-        server = cold if use_cold and cold is not None else self._warm
+        server = self._cold if self._cold_serves(spec.one_off) else self._warm
+        assert server is not None
         parent_conn, child_conn = mp.Pipe(duplex=True)
         self._next_id += 1
         request = pickle.dumps(("spawn", self._next_id, spec))
@@ -381,6 +388,17 @@ class ForkServerLauncher:
         server.starting[self._next_id] = child
         server.asked += 0 if spec.one_off else 1
         return child
+
+    def _cold_serves(self, one_off: bool) -> bool:
+        """Whether the cold server takes the next child: the warm one is not ready, and the cold one's budget
+        (of processes alive and started) has room, or the child is a one-off job."""
+        cold, warm = self._cold, self._warm
+        return (cold is not None and warm is not None and not warm.ready and not cold.retiring
+                and cold.holds() < self._cold_limit and (one_off or cold.asked < self._cold_limit))
+
+    def can_spawn(self, one_off: bool) -> bool:
+        """False while a child would only queue behind the warm server's warm-up."""
+        return self._warm is None or self._warm.ready or self._cold_serves(one_off)
 
     def waitables(self) -> list[Any]:
         return [s.sock for s in self._servers()]
@@ -456,6 +474,43 @@ class ForkServerLauncher:
             self._warm = None
 
 
+def warm_up(preload: list[str]) -> None:
+    """Import and warm in a thread at the lowest priority, then get ready to fork.
+
+    A warm-up costs ~1 s of CPU. Started beside the cold server's first tasks on a small machine, it would
+    slow them down; at nice 19 (Linux sets it per thread) it takes mostly the CPU they leave, and nice 19
+    still makes progress on a busy machine, where SCHED_IDLE could wait forever. The thread has ended
+    before the first fork: the server forks single-threaded. The collector is off meanwhile:
+    ``torch._dynamo``'s import set off collections that took a quarter of the warm-up, and the huge-page
+    collapse after it ran ~10x slower over the heap they left.
+    """
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass  # refused: warm at the usual priority
+        try:
+            for module in preload:
+                importlib.import_module(module)
+            warm_torch()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the server's own thread
+            failure.append(exc)
+
+    gc.disable()
+    try:
+        thread = threading.Thread(target=work, name="fedsup-warm-up")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+        find_threadpools()
+        prepare_to_fork()
+    finally:
+        gc.enable()
+
+
 def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, warm: bool = True) -> None:
     """A fork server's loop: fork children on request, reap them, report their exits.
 
@@ -470,18 +525,11 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     if warm:
-        # Without the collector while it imports: torch._dynamo's import alone set off collections that took a
-        # quarter of the warm-up, and the huge-page collapse after it ran ~10x slower over the heap they left.
-        gc.disable()
-    for module in preload:
-        importlib.import_module(module)
-    if warm:
-        warm_torch()
-        find_threadpools()
-        prepare_to_fork()
-        gc.enable()
+        warm_up(preload)
         sock.send(pickle.dumps(("ready",)))
     else:
+        for module in preload:
+            importlib.import_module(module)
         gc.freeze()  # cheap (no collection): a child's collections then leave the inherited heap alone
     me = os.getpid()
     children = 0
@@ -547,9 +595,9 @@ def _become_child(sock: socket.socket, wake_r: int, wake_w: int, fd: int, spec: 
         os._exit(code)
 
 
-def make_launcher(start_method: str, cpus_wanted: int) -> SpawnLauncher | ForkServerLauncher:
+def make_launcher(start_method: str, cpus_wanted: int, reuse: bool = False) -> SpawnLauncher | ForkServerLauncher:
     if start_method == "spawn":
         return SpawnLauncher()
     if start_method == "forkserver":
-        return ForkServerLauncher(cpus_wanted)
+        return ForkServerLauncher(cpus_wanted, reuse)
     raise ValueError(f"start_method: expected 'forkserver' or 'spawn', got {start_method!r}")

@@ -3,7 +3,8 @@
 ```
 RUN_DIR/
   events.jsonl            append-only, one JSON object per state change, flushed at each
-  tasks/<task>/record.json   the task's TaskRecord, written atomically when it reaches an outcome
+  tasks/<task>/record.json   the task's TaskRecord, written atomically when it reaches an outcome (and made
+                             durable against a power cut by the next commit: a round's end, the run's end)
   tasks/<task>/stdout.log    the task's output, every attempt (the task's working directory is tasks/<task>/)
   tasks/<task>/stderr.log
 ```
@@ -11,6 +12,7 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -35,8 +37,13 @@ def safe_name(task_id: str) -> str:
     return f"{cleaned}-{hashlib.sha1(task_id.encode()).hexdigest()[:8]}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync it, rename over ``path``: readers see old or new, never half."""
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a temp file beside ``path`` and rename it over ``path``: readers see old or new, never half.
+
+    ``durable``: fsync before the rename, so that a power cut cannot leave an empty file behind. Without it
+    the file survives any kill of the process (it is in the kernel's cache) and is made durable by the next
+    ``sync_filesystem``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -44,11 +51,30 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; run files are for whoever reads the run
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written to ``path``'s filesystem durable: one ``syncfs`` (one journal commit) instead of
+    an fsync per file, which on the supervisor's loop held up every task process waiting for a command."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    try:
+        if libc.syncfs(fd) != 0:
+            os.sync()
+    except AttributeError:  # a libc without syncfs
+        os.sync()
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -103,8 +129,14 @@ class RunDir:
         self._events.flush()
 
     def write_record(self, record: TaskRecord) -> None:
+        """Atomically; durable at the next ``commit`` (a federated round's end, or the run's)."""
         path = self.task_dir(record.task_id) / "record.json"
-        write_atomic(path, (record.model_dump_json(indent=2) + "\n").encode())
+        write_atomic(path, (record.model_dump_json(indent=2) + "\n").encode(), durable=False)
+
+    def commit(self) -> None:
+        """Make every record, event and file written so far durable, against a power cut too."""
+        self._events.flush()
+        sync_filesystem(self.path)
 
     def read_record(self, task_id: str) -> TaskRecord | None:
         """The task's record, or None when there is none or it is damaged (the task then runs again)."""
@@ -112,6 +144,5 @@ class RunDir:
 
     def close(self) -> None:
         if not self._events.closed:
-            self._events.flush()
-            os.fsync(self._events.fileno())
+            self.commit()
             self._events.close()

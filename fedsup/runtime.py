@@ -53,6 +53,10 @@ class Runtime(Protocol):
 
     def spawn(self, spec: ChildSpec) -> Child: ...
 
+    def can_spawn(self, one_off: bool) -> bool:
+        """Whether a process would start now (not wait for a fork server still warming up)."""
+        ...
+
     def send(self, child: Child, command: Command) -> bool: ...
 
     def kill(self, child: Child, sig: int) -> None: ...
@@ -82,6 +86,9 @@ class ProcessRuntime:
 
     def spawn(self, spec: ChildSpec) -> Child:
         return self.launcher.spawn(spec)
+
+    def can_spawn(self, one_off: bool) -> bool:
+        return self.launcher.can_spawn(one_off)
 
     def send(self, child: Child, command: Command) -> bool:
         """False when the child is gone (its exit is on its way); CommandNotPicklable for a bad payload."""

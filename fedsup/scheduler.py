@@ -226,13 +226,18 @@ class Scheduler:
                 self.adopt(handle, parked)
                 continue
             full = len(self.procs) >= self.policy.max_loaded
-            spare = self._reusable(handle) if (full or not self.policy.keep_loaded) else None
+            # a process that would only queue behind the warm server's warm-up is not asked for: a parked one
+            # may free up first
+            can_start = not full and self.runtime.can_spawn(handle.one_off)
+            spare = self._reusable(handle) if (not can_start or not self.policy.keep_loaded) else None
             if spare is not None:
                 self.ready.popleft()
                 self.reuse(handle, spare)
                 continue
             if full:
                 self._evict_idle()
+                return
+            if not can_start:
                 return
             need = handle.estimate_host
             if self.host_memory is not None and self.procs and self.host_reserved + need > self.host_memory:

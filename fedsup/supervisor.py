@@ -139,7 +139,8 @@ class Supervisor:
         """
         tasks = list(tasks)
         run_dir = RunDir(self.run_dir) if self.run_dir is not None else None
-        launcher = make_launcher(self.start_method, max((t.cpus for t in tasks), default=1))
+        launcher = make_launcher(self.start_method, max((t.cpus for t in tasks), default=1),
+                                 reuse=self.policy.tasks_per_process > 1)
         runtime = ProcessRuntime(launcher)
         scheduler = Scheduler(self.policy, self.inventory, runtime, run_dir,
                               host_memory=psutil.virtual_memory().available)

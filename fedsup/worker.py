@@ -232,14 +232,13 @@ def load_state(ref: StateRef) -> dict[str, Any]:
 
 
 def save_state(state: dict[str, Any], path: str) -> None:
-    """Atomically: a reader (or a resumed run) sees the whole update or none of it."""
+    """Atomically: a reader (or a resumed run) sees the whole update or none of it. Not fsync'd here: the
+    supervisor makes the round's updates durable with one filesystem sync before it commits the round."""
     import torch
 
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -240,6 +240,9 @@ class FakeRuntime:
         self.max_live = max(self.max_live, len(self.live()))
         return child
 
+    def can_spawn(self, one_off: bool) -> bool:
+        return True
+
     def send(self, child: FakeChild, command: Any) -> bool:
         entry = Entry(self.clock, "send", child.task_id, child.attempt, command, child)
         self.log.append(entry)

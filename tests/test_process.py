@@ -268,7 +268,9 @@ def test_always_failing_task_fails_alone(run_dir: Path) -> None:
     others = [r for r in records if r.task_id != "always"]
     assert all(r.status is S.FINISHED and r.attempts == 1 for r in others), [r.error for r in others]
     pids = {r.result["pid"] for r in others}
-    assert len(pids) == len(others) and os.getpid() not in pids  # one process each, none of them ours
+    assert os.getpid() not in pids  # never in ours
+    for attempt in failing.history:  # nor in a process after a failure there
+        assert all(r.history[-1].started < attempt.started for r in others if r.result["pid"] == attempt.pid)
 
 
 @pytest.mark.timeout(120)
@@ -359,15 +361,20 @@ def test_load_timeout_does_not_count_the_fork_server_start() -> None:
 
 @pytest.mark.timeout(120)
 def test_first_tasks_start_from_a_cold_server_while_the_warm_one_gets_ready() -> None:
-    # The first spawns go to the cold server (one fewer than the cores), every later one waits for the warm
-    # server: so the first tasks have one parent, the rest another, and nothing is left running at the end.
+    # With a fresh process per task, the first spawns go to the cold server (one fewer than the cores), every
+    # later one waits for the warm server: so the first tasks have one parent, the rest another, and nothing
+    # is left running at the end.
     cold = max(1, cpu_cores() - 1)
     tasks = [toys.Ok(f"task-{i}") for i in range(cold + 2)]
-    records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks)).run(tasks)
+    records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
     assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
     parents = [r.result["ppid"] for r in records]
     assert len(set(parents[:cold])) == 1 and len(set(parents[cold:])) == 1, parents
     assert parents[0] != parents[-1]
+    # the warm server warmed up in a thread at nice 19: its children have neither that priority nor a thread
+    # more than the cold server's children (each has the worker's own parent watcher)
+    assert {r.result["nice"] for r in records} == {os.getpriority(os.PRIO_PROCESS, 0)}
+    assert len({r.result["threads"] for r in records}) == 1, [r.result["threads"] for r in records]
 
 
 @pytest.mark.timeout(120)
@@ -379,7 +386,7 @@ def test_native_thread_pools_are_held_to_the_task_s_cpus() -> None:
 
     assert any(i["internal_api"] == "openblas" and i["num_threads"] > 1 for i in threadpool_info())
     tasks = [toys.Threads(f"one-{i}", cpus=1) for i in range(3)]
-    records = Supervisor("cpu", max_retries=0).run(tasks)
+    records = Supervisor("cpu", max_retries=0, tasks_per_process=1).run(tasks)
     assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
     assert len({r.result["ppid"] for r in records}) == 2, "tasks from both fork servers"
     for r in records:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import Behaviour, FakeRuntime, ok
 
 import fedsup
-from fakes import Behaviour, FakeRuntime, ok
 from fedsup.devices import Inventory
 from fedsup.scheduler import Policy, Scheduler
 from fedsup.supervisor import AUTO_REUSE_BELOW, process_reuse

@@ -41,6 +41,7 @@ def main() -> int:
     supervisor = fedsup.Supervisor(
         devices=[{"name": "cuda:0", "memory": "16GiB"}, {"name": "cuda:1", "memory": "16GiB"}],
         cpus=4, max_loaded=3, run_dir=run_dir, grace_period=grace, max_retries=0,
+        tasks_per_process=1,  # the test counts one process per task: "quick"'s must not be handed on
     )
     try:
         records = supervisor.run(tasks)
