@@ -268,11 +268,13 @@ class ForkServerLauncher:
     Warming a server costs ~1 s of CPU (``warm_up``), during which it forks nothing. So at the start of a run
     a cold server (torch imported, nothing else) and a warm one are forked side by side: the cold one takes
     the first tasks (one per core where processes are reused, else one fewer than the cores) while the other
-    warms at idle priority; a one-off job that trains nothing (a federated run's initial model) may go there
-    too without counting. Those first tasks
-    pay torch's first-use costs themselves, as a pool's workers do; later ones wait for the warm server
-    rather than pay them again. Once the warm server reports ready, every new task goes to it, and the cold
-    one exits when its last task process has (its children die with it: PR_SET_PDEATHSIG).
+    warms at the lowest priority; a one-off job that trains nothing (a federated run's initial model) may go
+    there too without counting. Those first tasks pay torch's first-use costs themselves, as a pool's workers
+    do; later ones wait for the warm server rather than pay them again (``can_spawn`` says when a child
+    would only wait, so that the scheduler may hand the task to a process that frees up first). Once the
+    warm server reports ready, every new task goes to it, and the cold one exits when its last task process
+    has (its children die with it: PR_SET_PDEATHSIG). A server still warming when the run ends holds no
+    child, and is killed rather than waited for.
     """
 
     name = "forkserver"

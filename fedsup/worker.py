@@ -129,6 +129,26 @@ def place(spec: ChildSpec) -> None:
                                       errors="backslashreplace")
     if spec.memory_limit:
         limit_memory(spec.memory_limit)
+    else:
+        lift_host_limit()  # a reused process may still hold the last task's limit
+
+
+def end_helpers() -> None:
+    """Kill what the last task started and left running (a data loader's workers, a helper): a task's
+    processes end with the task, whether or not its process goes on to the next one."""
+    import psutil
+
+    helpers = psutil.Process().children(recursive=True)
+    for helper in helpers:
+        try:
+            helper.kill()
+        except psutil.NoSuchProcess:
+            pass
+    for helper in helpers:
+        try:
+            os.waitpid(helper.pid, 0)  # ours: reap it; a grandchild is its own parent's (or init's) to reap
+        except ChildProcessError:
+            pass
 
 
 def limit_memory(extra: int) -> None:
@@ -382,6 +402,7 @@ class Worker:
     def load(self, command: Load) -> None:
         if command.setup is not None:  # a new task for a process that finished another
             self.task = None
+            end_helpers()
             cuda = _cuda()
             if cuda is not None:  # give the last task's cached GPU memory back: the ledger counts it free
                 gc.collect()

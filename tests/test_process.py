@@ -402,6 +402,16 @@ def test_ended_task_leaves_no_process_of_its_own(fifo: Any) -> None:
     assert _helpers_end(fifo, 2) == {}
 
 
+@pytest.mark.timeout(120)
+def test_a_reused_process_ends_the_last_task_s_helpers(fifo: Any) -> None:
+    tasks = [toys.WithHelper("returns", fifo.path, "return"), toys.Descendants("next")]
+    first, second = Supervisor("cpu", cpus=1, max_loaded=1, max_retries=0).run(tasks)
+    assert first.status is S.FINISHED and second.status is S.FINISHED
+    assert second.result["pid"] == first.result["pid"]  # the process went on to the next task
+    assert second.result["descendants"] == []
+    assert _helpers_end(fifo, 1) == {}
+
+
 # ---------------------------------------------------------------- placement
 
 

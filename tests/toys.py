@@ -306,6 +306,19 @@ class WithHelper(fedsup.Task):
         return {**_base(self, device), "helper": helper.pid}
 
 
+class Descendants(fedsup.Task):
+    """Reports the processes its own process has started and that are still alive."""
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        import psutil
+
+        alive = [p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        return {**_base(self, device), "descendants": alive}
+
+
 class UnpicklableTask(Ok):
     """Breaks the Task contract: it holds unpicklable state before load(), so it cannot reach its process."""
 
