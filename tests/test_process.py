@@ -420,7 +420,9 @@ def test_memory_ledger_caps_tasks_per_device() -> None:
     """Two 16 GiB devices, tasks of 6 GiB (plus a CUDA context): two fit on a device, a third does not,
     although 8 cores and max_loaded=10 would let all 10 run at once."""
     tasks = [toys.Timed(f"t{i}", 0.3, estimate_cuda_memory="6GiB", cpus=1) for i in range(10)]
-    records = Supervisor(TWO_GPUS, cpus=8, max_loaded=10).run(tasks)
+    # a fresh process each: reused ones would stay on their GPU, and two cold processes could run all ten
+    # before the warm server is ready, one per device, which would leave the cap untested
+    records = Supervisor(TWO_GPUS, cpus=8, max_loaded=10, tasks_per_process=1).run(tasks)
     assert all(r.status is S.FINISHED and r.attempts == 1 for r in records), [r.error for r in records]
     spans: dict[str, list[tuple[float, float]]] = {}
     for r in records:
