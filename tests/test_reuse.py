@@ -127,3 +127,19 @@ def test_tasks_per_process_values() -> None:
         fedsup.Supervisor(devices="cpu", tasks_per_process=0)
     with pytest.raises(ValueError, match="tasks_per_process"):
         fedsup.Supervisor(devices="cpu", tasks_per_process="always")  # type: ignore[arg-type]
+
+
+class WarmingRuntime(FakeRuntime):
+    """A runtime whose launcher has one process to give at once; every other would wait for a warm-up."""
+
+    def can_spawn(self, one_off: bool) -> bool:
+        return not any(e.action == "spawn" for e in self.log)
+
+
+def test_a_task_waits_for_a_parked_process_rather_than_a_warming_server() -> None:
+    runtime = WarmingRuntime(default=Behaviour(load=ok(0.0), train=ok(AUTO_REUSE_BELOW / 10)))
+    policy = Policy(max_loaded=4, **process_reuse("auto"))
+    records = Scheduler(policy, Inventory([], cores=4), runtime).run([T(f"t{i}") for i in range(6)])
+    assert all(r.ok for r in records)
+    assert sum(1 for e in runtime.log if e.action == "spawn") == 1  # the one process took every task in turn
+    assert runtime.live() == []
