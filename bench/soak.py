@@ -157,12 +157,13 @@ def load(work: Path, scale: float) -> dict[str, Any]:
     data = config(work / "wide", clients, 1, clients, max_loaded=8)
     process = start(data, work / "wide.yaml")
     peak = 0
-    while process.poll() is None:  # sample the whole tree: no process beyond max_loaded + the fork server
+    while process.poll() is None:  # sample the tree: task processes (the fork servers' children) <= max_loaded
         try:
-            tree = psutil.Process(process.pid).children(recursive=True)
+            servers = psutil.Process(process.pid).children()
+            tasks = [child for server in servers for child in server.children()]
         except psutil.NoSuchProcess:
-            break
-        peak = max(peak, len(tree) - 1)
+            continue  # one of them ended between the two reads: sample again
+        peak = max(peak, len(tasks))
         time.sleep(0.05)
     finish(process)
     return {"engine": results, "federated_clients": clients, "max_loaded": 8, "peak_task_processes_seen": peak}
