@@ -88,16 +88,18 @@ def main_kills(work: Path, scale: float) -> dict[str, Any]:
     clients, rounds, per_round = max(20, int(60 * scale)), max(3, int(6 * scale)), max(8, int(20 * scale))
     rng = random.Random(7)
     data = config(work / "killed", clients, rounds, per_round)
-    kills, orphans, first = 0, 0, True
+    kills, orphans = 0, 0
     target = max(4, int(10 * scale))
     while True:
-        process = start(data, work / "killed.yaml", *([] if first else ["--resume"]))
-        first = False
+        # a run killed before it wrote anything holds nothing to resume (--resume says so): start it again
+        begun = (work / "killed" / "events.jsonl").exists()
+        process = start(data, work / "killed.yaml", *(["--resume"] if begun else []))
         if kills >= target:
             finish(process)
             break
         try:
-            process.wait(timeout=rng.uniform(2.0, 8.0))
+            # short enough that most runs are cut: an undisturbed one takes a few seconds on 2 cores
+            process.wait(timeout=rng.uniform(0.5, 2.5))
         except subprocess.TimeoutExpired:
             family = psutil.Process(process.pid).children(recursive=True)
             process.send_signal(signal.SIGKILL)
