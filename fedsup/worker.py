@@ -130,7 +130,7 @@ def place(spec: ChildSpec) -> None:
     if spec.memory_limit:
         limit_memory(spec.memory_limit)
     else:
-        lift_host_limit()  # a reused process may still hold the last task's limit
+        restore_memory_limit()  # a reused process may still hold the last task's limit
 
 
 def _has_children() -> bool:
@@ -166,14 +166,26 @@ def end_helpers() -> None:
             pass
 
 
+_unlimited_as: tuple[int, int] | None = None  # RLIMIT_AS before fedsup first limited it in this process
+
+
 def limit_memory(extra: int) -> None:
     """Let the address space grow by ``extra`` bytes from here: beyond, allocations fail with MemoryError
     (numpy, Python) or torch's "can't allocate memory", which the supervisor treats as memory pressure."""
+    global _unlimited_as
     with open("/proc/self/status") as f:
         size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    if _unlimited_as is None:
+        _unlimited_as = resource.getrlimit(resource.RLIMIT_AS)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     soft = size + extra
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def restore_memory_limit() -> None:
+    """Give back the address-space limit the process had before ``limit_memory``, if it was called."""
+    if _unlimited_as is not None:  # limit_memory kept the hard limit, so the old soft one is allowed again
+        resource.setrlimit(resource.RLIMIT_AS, _unlimited_as)
 
 
 def lift_host_limit() -> None:

@@ -412,6 +412,17 @@ def test_a_reused_process_ends_the_last_task_s_helpers(fifo: Any) -> None:
     assert _helpers_end(fifo, 1) == {}
 
 
+@pytest.mark.timeout(120)
+def test_a_reused_process_gives_back_the_last_task_s_memory_limit() -> None:
+    import resource
+
+    tasks = [toys.Limits("limited", estimate_memory="1GiB"), toys.Limits("free")]
+    limited, free = Supervisor("cpu", cpus=1, max_loaded=1, max_retries=0, enforce_memory=True).run(tasks)
+    assert free.result["pid"] == limited.result["pid"]  # the process went on to the next task
+    assert limited.result["as_limit"][0] != resource.RLIM_INFINITY
+    assert tuple(free.result["as_limit"]) == resource.getrlimit(resource.RLIMIT_AS)
+
+
 # ---------------------------------------------------------------- placement
 
 

@@ -319,6 +319,18 @@ class Descendants(fedsup.Task):
         return {**_base(self, device), "descendants": alive}
 
 
+class Limits(fedsup.Task):
+    """Reports its process's address-space limit (RLIMIT_AS)."""
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        import resource
+
+        return {**_base(self, device), "as_limit": resource.getrlimit(resource.RLIMIT_AS)}
+
+
 class UnpicklableTask(Ok):
     """Breaks the Task contract: it holds unpicklable state before load(), so it cannot reach its process."""
 
