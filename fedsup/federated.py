@@ -178,6 +178,8 @@ class Federation:
         self.clients = [self._make_client(i) for i in range(spec.clients)]
         self.rounds: list[RoundResult] = []
         self.started = time.time()
+        # per task id: (attempts, failed, cpu_time), for summary.json's totals without rereading every record
+        self._tally: dict[str, tuple[int, bool, float]] = {}
 
     # ------------------------------------------------------------ set-up
 
@@ -251,6 +253,7 @@ class Federation:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) every round; return the summary that is also written to summary.json."""
         done = self._prepare_dir(resume)
+        self._count("*")  # what earlier runs of this directory did
         self.rounds = [RoundResult(**{k: v for k, v in line.items() if k in RoundResult.__dataclass_fields__})
                        for line in read_jsonl(self.path / "rounds.jsonl")[:done]]
         shm = SharedMemory()
@@ -404,10 +407,21 @@ class Federation:
         session.run_dir.event(event="round_finished", round=result.round, finished=len(result.finished),
                               failed=len(result.failed), eval_metrics=result.eval_metrics)
         self._emit(event="round_finished", **result.to_json())
+        # only the records that may be new: rereading every record each round would cost rounds x clients
+        self._count("initial-state", f"round-{result.round}.*")
         self._summary("running")
 
+    def _count(self, *folders: str) -> None:
+        """Add the records of the task folders matching ``folders`` to the totals of summary.json."""
+        for pattern in folders:
+            for record in read_records(self.path, pattern):
+                self._tally[record.task_id] = (record.attempts, record.status is TaskStatus.FAILED,
+                                               record.cpu_time)
+
     def _summary(self, status: str) -> dict[str, Any]:
-        records = read_records(self.path)
+        if status != "running":
+            self._count("*")  # the run's end: every record, whatever stopped it
+        tally = self._tally.values()
         last = self.rounds[-1] if self.rounds else None
         summary = {
             "name": self.spec.name,
@@ -417,10 +431,10 @@ class Federation:
             "final_metrics": {**(last.train_metrics if last else {}),
                               **{f"eval_{k}": v for k, v in (last.eval_metrics if last else {}).items()}},
             "totals": {
-                "tasks": len(records),
-                "attempts": sum(r.attempts for r in records),
-                "failed": sum(r.status is TaskStatus.FAILED for r in records),
-                "cpu_time": round(sum(r.cpu_time for r in records), 3),
+                "tasks": len(tally),
+                "attempts": sum(attempts for attempts, _, _ in tally),
+                "failed": sum(failed for _, failed, _ in tally),
+                "cpu_time": round(sum(cpu for _, _, cpu in tally), 3),
                 "duration": round(time.time() - self.started, 3),
             },
             "started": self.started,

@@ -103,9 +103,10 @@ def read_record(path: Path) -> TaskRecord | None:
         return None
 
 
-def read_records(run_dir: Path) -> list[TaskRecord]:
-    """Every readable task record of a run directory; damaged ones are named in the log and left out."""
-    found = (read_record(p) for p in sorted((run_dir / "tasks").glob("*/record.json")))
+def read_records(run_dir: Path, folders: str = "*") -> list[TaskRecord]:
+    """Every readable task record of a run directory (of the task folders matching ``folders``); damaged
+    ones are named in the log and left out."""
+    found = (read_record(p) for p in sorted((run_dir / "tasks").glob(f"{folders}/record.json")))
     return [r for r in found if r is not None]
 
 

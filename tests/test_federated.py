@@ -178,3 +178,28 @@ def test_sigkill_of_the_main_process_then_resume_gives_the_same_model(tmp_path: 
 def _round_two_clients(run: Path) -> list[int]:
     line = json.loads((run / "rounds.jsonl").read_text().splitlines()[1])
     return [int(t.split("client-")[1]) for t in line["selected"]]
+
+
+@pytest.mark.timeout(120)
+def test_summary_totals_match_the_records_round_by_round(tmp_path: Path) -> None:
+    # summary.json is rewritten after every round from that round's records alone: its totals must still be
+    # those of every record in the run directory
+    from fedsup.rundir import read_records
+
+    seen: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def totals_now() -> dict[str, Any]:
+        records = read_records(tmp_path / "run")
+        return {"tasks": len(records), "attempts": sum(r.attempts for r in records),
+                "failed": sum(r.status is fedsup.TaskStatus.FAILED for r in records)}
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "round_started" and event["round"] > 1:
+            written = json.loads((tmp_path / "run" / "summary.json").read_text())["totals"]
+            seen.append(({k: written[k] for k in ("tasks", "attempts", "failed")}, totals_now()))
+
+    summary = fedsup.run(config(tmp_path, federation={"clients": 4, "rounds": 3, "clients_per_round": 3}),
+                         on_event=on_event)
+    assert summary["status"] == "finished" and len(seen) == 2
+    assert all(written == actual for written, actual in seen), seen
+    assert {k: summary["totals"][k] for k in ("tasks", "attempts", "failed")} == totals_now()
