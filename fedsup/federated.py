@@ -407,8 +407,6 @@ class Federation:
         session.run_dir.event(event="round_finished", round=result.round, finished=len(result.finished),
                               failed=len(result.failed), eval_metrics=result.eval_metrics)
         self._emit(event="round_finished", **result.to_json())
-        # only the records that may be new: rereading every record each round would cost rounds x clients
-        self._count("initial-state", f"round-{result.round}.*")
         self._summary("running")
 
     def _count(self, *folders: str) -> None:
@@ -419,8 +417,9 @@ class Federation:
                                                record.cpu_time)
 
     def _summary(self, status: str) -> dict[str, Any]:
-        if status != "running":
-            self._count("*")  # the run's end: every record, whatever stopped it
+        # only the records that may be new since the last summary, the current round's: rereading every record
+        # after each round would cost rounds x clients reads
+        self._count("initial-state", f"round-{self.round}.*")
         tally = self._tally.values()
         last = self.rounds[-1] if self.rounds else None
         summary = {

@@ -410,12 +410,14 @@ class Scheduler:
     def _park(self, handle: TaskHandle) -> None:
         """Keep a finished task's process loaded for its client's next task, unless the run is stopping."""
         child = handle.child
-        may_reuse = child is not None and self.served.get(child, 0) < self.policy.tasks_per_process
-        if child is not None and may_reuse and not self._short(handle, child):
+        if child is None or handle.one_off or self.stop_signal is not None:
+            self._detach(handle)
+            return
+        may_reuse = self.served.get(child, 0) < self.policy.tasks_per_process
+        if may_reuse and not self._short(handle, child):
             self.no_reuse.add(child)  # the same client may still adopt it (keep_loaded), no other task
             may_reuse = False
-        keep = self.policy.keep_loaded or may_reuse
-        if child is None or not keep or handle.one_off or self.stop_signal is not None:
+        if not (self.policy.keep_loaded or may_reuse):
             self._detach(handle)
             return
         self.procs[child] = None

@@ -175,9 +175,10 @@ def limit_memory(extra: int) -> None:
     global _unlimited_as
     with open("/proc/self/status") as f:
         size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    current = resource.getrlimit(resource.RLIMIT_AS)
     if _unlimited_as is None:
-        _unlimited_as = resource.getrlimit(resource.RLIMIT_AS)
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        _unlimited_as = current
+    hard = current[1]
     soft = size + extra
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
