@@ -12,7 +12,7 @@ MLP, one epoch of SGD, FedAvg in float64 on the server):
 
     W0  200 tasks that do nothing: fedsup.Supervisor(devices="cpu").run(tasks), one shot
     W1  100 clients x 1 round, every client
-    W2  100 clients, 3 rounds x 10 clients (fedsup.federated.sample_clients(0, round, 100, 10))
+    W2  100 clients, 3 rounds x 10 clients (fedsup.federated.rounds.sample_clients(0, round, 100, 10))
     W3  1,000 clients x 1 round
     --quick: W0 40 tasks, W1 20 clients, W2 20 clients (3 x 10), W3 100 clients
 
@@ -129,7 +129,7 @@ def child(workload: str, variant: str, n: int, rounds: int, per_round: int, plan
 
     if variant.startswith("fedsup"):
         import fedsup
-        import fedsup.runner  # noqa: F401 - what fedsup.run imports on first use: a user's import, not the run's
+        import fedsup.federated.runner  # noqa: F401 - what fedsup.run imports on first use: a user's import, not the run's
     imports = time.perf_counter() - t0
     if plan_json:
         plan = {int(r): ids for r, ids in json.loads(plan_json).items()}
@@ -150,7 +150,7 @@ def make_plan(workload: str, n: int, rounds: int, per_round: int) -> dict[int, l
     """The clients each round trains, as fedsup samples them (every client when per_round == n)."""
     if workload == "W0":
         return {1: list(range(n))}
-    from fedsup.federated import sample_clients
+    from fedsup.federated.rounds import sample_clients
 
     return {r: sample_clients(RUN_SEED, r, n, per_round) for r in range(1, rounds + 1)}
 
@@ -586,7 +586,7 @@ def sizes_for(args: argparse.Namespace) -> dict[str, tuple[int, int, int]]:
 
 
 def compute_plans(sizes: dict[str, tuple[int, int, int]], workloads: list[str]) -> dict[str, dict[int, list[int]]]:
-    """fedsup.federated.sample_clients for every workload, in one helper process (it imports torch)."""
+    """fedsup.federated.rounds.sample_clients for every workload, in one helper process (it imports torch)."""
     request = {w: sizes[w] for w in workloads}
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import compare; "
             "req = json.loads(sys.argv[2]); "

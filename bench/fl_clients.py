@@ -12,7 +12,7 @@ so that only the way the work is run differs, and every variant ends with the sa
   with (client id, round); ``train`` notes ``time.time()`` on entry and on exit (``train_started``,
   ``train_ended``);
 * aggregation: FedAvg weighted by ``num_examples``, accumulated in float64 in client-id order (a plain loop
-  of multiply then add, as ``fedsup.aggregation`` does), cast back to float32.
+  of multiply then add, as ``fedsup.federated.strategies`` does), cast back to float32.
 
 This module is also imported by ``bench/flower_peer.py`` inside Flower's own venv, where fedsup is not
 installed: the fedsup tasks at the bottom are defined on first use, and only then is fedsup imported.

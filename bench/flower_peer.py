@@ -21,7 +21,7 @@ Two deviations from the stock FedAvg, both so that Flower computes exactly what 
   ``partition-id``, so the strategy cannot pick "client 37" by itself. The server therefore gives
   client ``c`` the ``c``-th node in sorted node-id order (the same node every round) and sends ``c`` in
   the train config (``client-id``); the ClientApp builds that client's data from it. Per round the clients
-  are ``fedsup.federated.sample_clients(0, round, clients, per_round)``, passed in by compare.py
+  are ``fedsup.federated.rounds.sample_clients(0, round, clients, per_round)``, passed in by compare.py
   (``--plan``); without it every client trains every round. The work per message is the same as with
   ``partition-id`` and random sampling.
 * **aggregation**: ``fl_clients.fedavg`` (float64, client-id order) instead of Flower's float32 average,

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import fedsup
-from fedsup.devices import nvml_gpus
+from fedsup.engine.devices import nvml_gpus
 
 HERE = Path(__file__).resolve().parent
 MiB = 1024**2

@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedsup.chaos import Killer, differing_checkpoints, fault_figures, finished_twice, read_events  # noqa: E402
+from fedsup.federated.chaos import Killer, differing_checkpoints, fault_figures, finished_twice, read_events  # noqa: E402
 
 
 def config(output: Path, clients: int, rounds: int, per_round: int, faults: dict[str, Any] | None = None,
@@ -129,7 +129,7 @@ def fuzz(scale: float) -> dict[str, Any]:
 LOAD_SCRIPT = """
 import json, resource, sys, time
 import fedsup
-from fedsup.supervisor import Supervisor
+from fedsup.engine.supervisor import Supervisor
 class Noop(fedsup.Task):
     def load(self): pass
     def train(self, device): return None

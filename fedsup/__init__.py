@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from fedsup.errors import (
+from fedsup.engine.errors import (
     ConfigError,
     FedsupError,
     PlacementError,
@@ -11,26 +11,28 @@ from fedsup.errors import (
     TaskContractError,
     TaskFailed,
 )
-from fedsup.faults import FaultPlan
-from fedsup.records import AttemptRecord, ErrorInfo, PhaseRecord, TaskRecord
-from fedsup.states import TaskStatus
-from fedsup.supervisor import Supervisor
-from fedsup.task import Task
+from fedsup.engine.faults import FaultPlan
+from fedsup.engine.records import AttemptRecord, ErrorInfo, PhaseRecord, TaskRecord
+from fedsup.engine.states import TaskStatus
+from fedsup.engine.supervisor import Supervisor
+from fedsup.engine.task import Task
+from fedsup.federated.strategies import ClientUpdate, Strategy, make_strategy
 
 __version__ = "0.1.0"
 
 
 def run(config: Any, **options: Any) -> dict[str, Any]:
     """Run (or, with ``resume=True``, resume) the federated run that ``config`` describes: a YAML file, a
-    dict of the same shape or a ``fedsup.config.RunConfig``. Returns the run's summary. Options:
+    dict of the same shape or a ``fedsup.federated.config.RunConfig``. Returns the run's summary. Options:
     ``overrides`` (``["federation.rounds=10"]``), ``resume``, ``output``, ``on_event``."""
-    from fedsup.runner import run as run_config
+    from fedsup.federated.runner import run as run_config
 
     return run_config(config, **options)
 
 
 __all__ = [
     "AttemptRecord",
+    "ClientUpdate",
     "ConfigError",
     "ErrorInfo",
     "FaultPlan",
@@ -39,6 +41,7 @@ __all__ = [
     "PlacementError",
     "RunFailed",
     "RunInterrupted",
+    "Strategy",
     "Supervisor",
     "Task",
     "TaskContractError",
@@ -46,5 +49,6 @@ __all__ = [
     "TaskRecord",
     "TaskStatus",
     "__version__",
+    "make_strategy",
     "run",
 ]

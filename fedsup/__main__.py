@@ -1,5 +1,5 @@
 import sys
 
-from fedsup.cli import main
+from fedsup.ui.cli import main
 
 sys.exit(main())

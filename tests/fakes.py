@@ -1,6 +1,6 @@
-"""A fake runtime for driving ``fedsup.scheduler.Scheduler`` without a single process.
+"""A fake runtime for driving ``fedsup.engine.scheduler.Scheduler`` without a single process.
 
-``FakeRuntime`` implements the ``fedsup.runtime.Runtime`` protocol with a fake clock. Each fake child
+``FakeRuntime`` implements the ``fedsup.engine.runtime.Runtime`` protocol with a fake clock. Each fake child
 follows a script (a ``Behaviour``) chosen by its task id and attempt number (the n-th spawn of that task
 id is attempt n). A child handles its commands one after another, like the real worker: a command sent
 while it is busy is handled when the current phase ends; a child that hangs never handles another one.
@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from fedsup.launch import ExitInfo
-from fedsup.messages import Began, Bye, Exit, Load, PhaseDone, PhaseFailed, Train
-from fedsup.records import ErrorInfo, PhaseRecord
-from fedsup.runtime import Exited, Message, Signalled
+from fedsup.engine.launch import ExitInfo
+from fedsup.engine.messages import Began, Bye, Exit, Load, PhaseDone, PhaseFailed, Train
+from fedsup.engine.records import ErrorInfo, PhaseRecord
+from fedsup.engine.runtime import Exited, Message, Signalled
 
 GiB = 1024**3
 MiB = 1024**2

@@ -14,7 +14,7 @@ import numpy as np
 
 import fedsup
 from fedsup.examples.training import sgd_epochs
-from fedsup.partition import dirichlet
+from fedsup.federated.partition import dirichlet
 
 
 @lru_cache(maxsize=4)

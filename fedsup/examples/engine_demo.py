@@ -10,8 +10,8 @@ import logging
 import time
 
 from fedsup import FaultPlan, Supervisor
+from fedsup.engine.units import format_bytes
 from fedsup.examples.synthetic import SyntheticClient
-from fedsup.units import format_bytes
 
 
 def main() -> None:

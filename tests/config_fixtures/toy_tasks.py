@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import fedsup
-from fedsup.aggregation import Strategy
+from fedsup.federated.strategies import Strategy
 
 
 class Client(fedsup.Task):

@@ -1,0 +1,443 @@
+"""Federated runs: rounds of client training on the supervisor, aggregation in the main process,
+checkpoints, and resume.
+
+Each round samples ``clients_per_round`` clients from the run seed and makes one job per client
+(``round-R.client-I``). A client's process stays loaded between rounds while ``max_loaded`` allows, so a
+client LOADs once and TRAINs every round it is picked. The global model travels through shared memory: it
+is saved once per round under /dev/shm and every client memory-maps the same file; each client's update
+comes back through a file in the run directory, so a finished client's work survives a kill of the main
+process. Aggregation sorts updates by client and accumulates in float64: the same seed gives the same final
+model whether the run was interrupted or not.
+
+```
+RUN_DIR/config.yaml  events.jsonl  rounds.jsonl  summary.json
+        checkpoints/initial.pt  round-N.pt  final.pt      updates/round-N/client-I.pt (until round N is done)
+        tasks/<task>/record.json   tasks/client-I/{stdout,stderr}.log
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import yaml
+
+from fedsup.engine.errors import RunDirError, RunFailed, TaskContractError
+from fedsup.engine.messages import StateRef
+from fedsup.engine.records import TaskRecord
+from fedsup.engine.rundir import read_records, write_atomic, write_json
+from fedsup.engine.scheduler import Job
+from fedsup.engine.states import TaskStatus
+from fedsup.engine.supervisor import Session, Supervisor
+from fedsup.engine.task import Task
+from fedsup.engine.units import parse_bytes
+from fedsup.federated.strategies import ClientUpdate, Strategy, weighted_metrics
+
+log = logging.getLogger(__name__)
+State = dict[str, torch.Tensor]
+# Keys that may change between a run and its resumption: they decide how, not what, is computed.
+RESUMABLE_CHANGES = ("supervisor", "output")
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    name: str
+    seed: int
+    task_class: Callable[..., Task]  # a Task subclass, built as task_class(client_id=i, **task_args)
+    task_args: dict[str, Any]
+    clients: int
+    rounds: int
+    clients_per_round: int
+    min_clients: int
+    strategy: Strategy
+    output: Path
+    evaluate: bool = True
+    task_options: dict[str, Any] = field(default_factory=dict)  # estimate_memory, estimate_cuda_memory, cpus
+    supervisor: dict[str, Any] = field(default_factory=dict)    # Supervisor keyword arguments
+    config: dict[str, Any] | None = None                         # the resolved config, written as config.yaml
+
+
+@dataclass
+class RoundResult:
+    round: int
+    started: float
+    ended: float = 0.0
+    selected: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    num_examples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "started": self.started, "ended": self.ended,
+                "duration": round(self.ended - self.started, 6), "selected": self.selected,
+                "finished": self.finished, "failed": self.failed, "retried": self.retried,
+                "resumed": self.resumed, "train_metrics": self.train_metrics, "eval_metrics": self.eval_metrics,
+                "num_examples": self.num_examples}
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from the run seed and the job's coordinates: stable across runs and machines."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def sample_clients(seed: int, round_: int, clients: int, per_round: int) -> list[int]:
+    return sorted(random.Random(derive_seed(seed, "sample", round_)).sample(range(clients), per_round))
+
+
+def save_state(state: State, path: Path) -> None:
+    """``torch.save`` atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_state(path: Path) -> State:
+    try:
+        return torch.load(path, mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise RunDirError(f"{path}: cannot be read as a model checkpoint ({exc})") from exc
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Lines of a JSON-lines file; a torn last line (a killed writer) is skipped, a torn middle is an error."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s: skipping a torn last line", path)
+                break
+            raise RunDirError(f"{path}: line {number} is not JSON ({exc.msg}); the file is damaged") from exc
+    return out
+
+
+def readable(path: Path) -> bool:
+    """Whether a saved update can be used on resume; a damaged one is run again rather than trusted."""
+    if not path.exists():
+        return False
+    try:
+        torch.load(path, mmap=True, weights_only=True)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any damage means the same: do the work again
+        log.warning("%s is damaged (%s); that client trains again", path, exc)
+        return False
+
+
+class SharedMemory:
+    """A folder under /dev/shm (or the temp dir) for this process's broadcasts; stale ones are swept."""
+
+    def __init__(self) -> None:
+        base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+        self.sweep(base)
+        self.path = Path(tempfile.mkdtemp(prefix=f"fedsup-{os.getpid()}-", dir=base))
+
+    @staticmethod
+    def sweep(base: Path) -> None:
+        """Remove folders left by supervisors that were killed (their pid is gone)."""
+        for folder in base.glob("fedsup-*-*"):
+            pid = folder.name.split("-")[1]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Federation:
+    """Runs a federated experiment described by a FederationSpec; see the module docstring."""
+
+    def __init__(self, spec: FederationSpec, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.spec = spec
+        self.on_event = on_event
+        self.round = 0
+        self.supervisor = Supervisor(**{**spec.supervisor, "run_dir": spec.output, "keep_loaded": True})
+        self.clients = [self._make_client(i) for i in range(spec.clients)]
+        self.rounds: list[RoundResult] = []
+        self.started = time.time()
+        # per task id: (attempts, failed, cpu_time), for summary.json's totals without rereading every record
+        self._tally: dict[str, tuple[int, bool, float]] = {}
+
+    # ------------------------------------------------------------ set-up
+
+    def _make_client(self, client_id: int) -> Task:
+        client = self.spec.task_class(client_id=client_id, **self.spec.task_args)
+        if not isinstance(client, Task):
+            raise TaskContractError(f"task.class: {self.spec.task_class.__name__} is not a fedsup.Task subclass")
+        client.task_id = f"client-{client_id}"  # stable ids: a resumed run must find its tasks again
+        options = self.spec.task_options
+        for name in ("estimate_memory", "estimate_cuda_memory"):
+            if options.get(name) is not None:
+                setattr(client, name, parse_bytes(options[name], f"task.{name}"))
+        if options.get("cpus") is not None:
+            client.cpus = options["cpus"]
+        return client
+
+    @property
+    def path(self) -> Path:
+        return Path(self.spec.output).resolve()  # children run in their own folders
+
+    def _prepare_dir(self, resume: bool) -> int:
+        """Check the run directory against ``resume``; return the last complete round (0 for none)."""
+        held = (self.path / "events.jsonl").exists() or (self.path / "rounds.jsonl").exists()
+        if not resume:
+            if held:
+                raise RunDirError(f"output: {self.path} already holds a run; pass --resume to continue it, "
+                                  "or choose another --output")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+            return 0
+        if not held:
+            raise RunDirError(f"--resume: {self.path} holds no run to resume")
+        self._check_config()
+        lines = read_jsonl(self.path / "rounds.jsonl")
+        done = 0
+        for line in lines:
+            if line.get("round") != done + 1 or not (self.path / "checkpoints" / f"round-{done + 1}.pt").exists():
+                break
+            done += 1
+        if done < len(lines) or (self.path / "rounds.jsonl").exists():
+            # keep only the complete rounds, so that new lines never follow a torn one
+            text = "".join(json.dumps(line) + "\n" for line in lines[:done])
+            write_atomic(self.path / "rounds.jsonl", text.encode())
+        return done
+
+    def _write_config(self) -> None:
+        if self.spec.config is not None:
+            text = yaml.safe_dump(self.spec.config, sort_keys=False)
+            write_atomic(self.path / "config.yaml", text.encode())
+
+    def _check_config(self) -> None:
+        stored_path = self.path / "config.yaml"
+        if self.spec.config is None or not stored_path.exists():
+            return
+        try:
+            stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise RunDirError(f"{stored_path}: damaged ({exc})") from exc
+        changed = sorted(k for k in set(stored) | set(self.spec.config)
+                         if k not in RESUMABLE_CHANGES and stored.get(k) != self.spec.config.get(k))
+        if changed:
+            raise RunDirError(f"--resume: the config no longer matches the run in {self.path}: "
+                              f"{', '.join(changed)} changed; resume with the same config or start a new run")
+
+    def _emit(self, **event: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    # ------------------------------------------------------------ the run
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run (or resume) every round; return the summary that is also written to summary.json."""
+        done = self._prepare_dir(resume)
+        self._count("*")  # what earlier runs of this directory did
+        self.rounds = [RoundResult(**{k: v for k, v in line.items() if k in RoundResult.__dataclass_fields__})
+                       for line in read_jsonl(self.path / "rounds.jsonl")[:done]]
+        shm = SharedMemory()
+        status = "failed"
+        try:
+            with self.supervisor.session(self.clients) as session:
+                assert session.run_dir is not None
+                session.run_dir.event(event="run_started", resume=resume, from_round=done + 1)
+                self._emit(event="run_started", resume=resume, from_round=done + 1, rounds=self.spec.rounds)
+                state = self._starting_state(session, done)
+                for round_ in range(done + 1, self.spec.rounds + 1):
+                    state = self._round(session, shm, round_, state)
+                if state is not None:
+                    save_state(state, self.path / "checkpoints" / "final.pt")
+                status = "finished"
+                session.run_dir.event(event="run_finished", status=status)
+            return self._summary(status)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            shm.close()
+            if status != "finished":
+                self._summary(status)
+
+    def _starting_state(self, session: Session, done: int) -> State | None:
+        if done:
+            return load_state(self.path / "checkpoints" / f"round-{done}.pt")
+        initial = self.path / "checkpoints" / "initial.pt"
+        if initial.exists():
+            return load_state(initial)
+        client = self.clients[0]
+        if type(client).initial_state is Task.initial_state:
+            return None
+        # One-off: not kept for client 0 (the first round may not sample it), and not counted against the
+        # few processes the cold fork server starts while the warm one gets ready.
+        job = Job(client, task_id="initial-state", method="initial_state", federated=True,
+                  state_path=str(initial), seed=derive_seed(self.spec.seed, "initial"), one_off=True)
+        initial.parent.mkdir(parents=True, exist_ok=True)
+        record = session.run([job])[0]
+        self._check_contract(record)
+        if not record.ok:
+            raise RunFailed(f"initial_state() failed: {record.error.summary() if record.error else 'unknown'}")
+        return load_state(initial)
+
+    def _round(self, session: Session, shm: SharedMemory, round_: int, state: State | None) -> State:
+        self.round = round_
+        result = RoundResult(round_, time.time())
+        chosen = sample_clients(self.spec.seed, round_, self.spec.clients, self.spec.clients_per_round)
+        result.selected = [self._task_id(round_, i) for i in chosen]
+        assert session.run_dir is not None
+        session.run_dir.event(event="round_started", round=round_, selected=len(chosen))
+        self._emit(event="round_started", round=round_, rounds=self.spec.rounds, selected=len(chosen))
+        broadcast = self._broadcast(shm, round_, state)
+        updates = self._train(session, round_, chosen, broadcast, result)
+        if len(updates) < self.spec.min_clients:
+            raise RunFailed(f"round {round_}: {len(updates)} client(s) finished, fewer than min_clients="
+                            f"{self.spec.min_clients}; failed: {', '.join(result.failed) or 'none'}")
+        reference = state if state is not None else updates[0].state
+        new_state = self.spec.strategy.aggregate(reference, updates)
+        save_state(new_state, self.path / "checkpoints" / f"round-{round_}.pt")
+        if self.spec.evaluate and type(self.clients[0]).evaluate is not Task.evaluate:
+            new_broadcast = self._broadcast(shm, round_, new_state, name="global-eval")
+            result.eval_metrics = self._evaluate(session, round_, chosen, new_broadcast)
+        result.ended = time.time()
+        self._finish_round(session, result)
+        return new_state
+
+    @staticmethod
+    def _task_id(round_: int, client: int, method: str = "train") -> str:
+        return f"round-{round_}.client-{client}" + ("" if method == "train" else f".{method}")
+
+    def _broadcast(self, shm: SharedMemory, round_: int, state: State | None, name: str = "global") -> StateRef | None:
+        """One copy of the global model per round, in shared memory; the previous one is removed."""
+        if state is None:
+            return None
+        for old in shm.path.glob(f"{name}-*.pt"):
+            old.unlink(missing_ok=True)
+        path = shm.path / f"{name}-{round_}.pt"
+        save_state(state, path)
+        return StateRef(str(path))
+
+    def _train(self, session: Session, round_: int, chosen: list[int], broadcast: StateRef | None,
+               result: RoundResult) -> list[ClientUpdate]:
+        update_dir = self.path / "updates" / f"round-{round_}"
+        update_dir.mkdir(parents=True, exist_ok=True)
+        records: dict[int, TaskRecord] = {}
+        jobs: list[tuple[int, Job]] = []
+        for i in chosen:
+            task_id = self._task_id(round_, i)
+            path = update_dir / f"client-{i}.pt"
+            previous = session.run_dir.read_record(task_id) if session.run_dir else None
+            if previous is not None and previous.ok and readable(path):
+                records[i] = previous  # finished before the run was killed: never run twice
+                result.resumed.append(task_id)
+                continue
+            jobs.append((i, Job(self.clients[i], task_id=task_id, context={"global_state": broadcast, "round": round_},
+                                state_path=str(path), seed=derive_seed(self.spec.seed, round_, i), federated=True)))
+        ran = session.run([job for _, job in jobs])
+        records.update((i, record) for (i, _), record in zip(jobs, ran, strict=True))
+        updates = []
+        for i in chosen:
+            record = records[i]
+            self._check_contract(record)
+            (result.finished if record.ok else result.failed).append(record.task_id)
+            if record.attempts > 1:
+                result.retried.append(record.task_id)
+            if record.ok:
+                metrics = {k: v for k, v in (record.result or {}).items() if k not in ("state", "num_examples")}
+                n = int(record.result["num_examples"])
+                updates.append(ClientUpdate(i, load_state(update_dir / f"client-{i}.pt"), n, metrics))
+        result.train_metrics = weighted_metrics([(u.num_examples, u.metrics) for u in updates])
+        result.num_examples = sum(u.num_examples for u in updates)
+        return updates
+
+    def _evaluate(self, session: Session, round_: int, chosen: list[int],
+                  broadcast: StateRef | None) -> dict[str, float]:
+        results: list[tuple[int, dict[str, Any]]] = []
+        jobs = []
+        for i in chosen:
+            task_id = self._task_id(round_, i, "evaluate")
+            previous = session.run_dir.read_record(task_id) if session.run_dir else None
+            if previous is not None and previous.ok:
+                results.append((int(previous.result["num_examples"]), previous.result))
+                continue
+            jobs.append(Job(self.clients[i], task_id=task_id, method="evaluate", federated=True,
+                            context={"global_state": broadcast, "round": round_},
+                            seed=derive_seed(self.spec.seed, round_, i, "evaluate")))
+        for record in session.run(jobs):
+            self._check_contract(record)
+            if record.ok:
+                results.append((int(record.result["num_examples"]), record.result))
+        return weighted_metrics([(n, {k: v for k, v in r.items() if k != "num_examples"}) for n, r in results])
+
+    @staticmethod
+    def _check_contract(record: TaskRecord) -> None:
+        if record.error is not None and record.error.kind == "bad_result" and not record.ok:
+            raise TaskContractError(f"task {record.task_id}: {record.error.message}")
+
+    def _finish_round(self, session: Session, result: RoundResult) -> None:
+        """rounds.jsonl is the commit point of a round: after it, the round's updates are no longer needed."""
+        self.rounds.append(result)
+        line = json.dumps(result.to_json()) + "\n"
+        assert session.run_dir is not None
+        session.run_dir.commit()  # the round's records and updates are durable before the line that commits it
+        with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(self.path / "updates" / f"round-{result.round}", ignore_errors=True)
+        session.run_dir.event(event="round_finished", round=result.round, finished=len(result.finished),
+                              failed=len(result.failed), eval_metrics=result.eval_metrics)
+        self._emit(event="round_finished", **result.to_json())
+        self._summary("running")
+
+    def _count(self, *folders: str) -> None:
+        """Add the records of the task folders matching ``folders`` to the totals of summary.json."""
+        for pattern in folders:
+            for record in read_records(self.path, pattern):
+                self._tally[record.task_id] = (record.attempts, record.status is TaskStatus.FAILED,
+                                               record.cpu_time)
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        # only the records that may be new since the last summary, the current round's: rereading every record
+        # after each round would cost rounds x clients reads
+        self._count("initial-state", f"round-{self.round}.*")
+        tally = self._tally.values()
+        last = self.rounds[-1] if self.rounds else None
+        summary = {
+            "name": self.spec.name,
+            "status": status,
+            "rounds": self.spec.rounds,
+            "rounds_completed": len(self.rounds),
+            "final_metrics": {**(last.train_metrics if last else {}),
+                              **{f"eval_{k}": v for k, v in (last.eval_metrics if last else {}).items()}},
+            "totals": {
+                "tasks": len(tally),
+                "attempts": sum(attempts for attempts, _, _ in tally),
+                "failed": sum(failed for _, failed, _ in tally),
+                "cpu_time": round(sum(cpu for _, _, cpu in tally), 3),
+                "duration": round(time.time() - self.started, 3),
+            },
+            "started": self.started,
+            "ended": time.time(),
+        }
+        write_json(self.path / "summary.json", summary)
+        return summary

@@ -1,0 +1,92 @@
+"""A federated run from a config: one call for the CLI, notebooks and scripts.
+
+    summary = fedsup.run("configs/synthetic.yaml", overrides=["federation.rounds=10"])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsup.engine.devices import Inventory
+from fedsup.engine.units import format_bytes, parse_bytes
+from fedsup.federated.config import RunConfig, load_config, resolve_class, supervisor_kwargs, to_yaml
+from fedsup.federated.rounds import Federation, FederationSpec
+from fedsup.federated.strategies import make_strategy
+
+ConfigSource = str | os.PathLike[str] | dict[str, Any] | RunConfig
+
+
+def build_spec(config: RunConfig, output: str | os.PathLike[str] | None = None) -> FederationSpec:
+    fed, task = config.federation, config.task
+    per_round = fed.clients_per_round or fed.clients
+    return FederationSpec(
+        name=config.name,
+        seed=config.seed,
+        task_class=resolve_class(task.class_, None),
+        task_args=dict(task.args),
+        clients=fed.clients,
+        rounds=fed.rounds,
+        clients_per_round=per_round,
+        min_clients=fed.min_clients or per_round,
+        strategy=make_strategy(fed.strategy, fed.strategy_args),
+        output=Path(output or config.output),
+        evaluate=fed.evaluate,
+        task_options={"estimate_memory": task.estimate_memory, "estimate_cuda_memory": task.estimate_cuda_memory,
+                      "cpus": task.cpus},
+        supervisor=supervisor_kwargs(config),
+        config=yaml.safe_load(to_yaml(config)),
+    )
+
+
+def prepare(source: ConfigSource, overrides: Sequence[str] = (), output: str | os.PathLike[str] | None = None,
+            on_event: Callable[[dict[str, Any]], None] | None = None) -> Federation:
+    """Validate the config and build the run without starting it (the CLI attaches its live view first)."""
+    config = load_config(source, overrides)
+    return Federation(build_spec(config, output), on_event=on_event)
+
+
+def run(source: ConfigSource, *, overrides: Sequence[str] = (), resume: bool = False,
+        output: str | os.PathLike[str] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the federated run a config describes; return its summary (also in summary.json).
+
+    ``source`` is a YAML file, a dict of the same shape, or a RunConfig. Raises ConfigError for bad input,
+    RunFailed when a round cannot reach ``min_clients``, RunInterrupted on SIGINT/SIGTERM.
+    """
+    return prepare(source, overrides, output, on_event).run(resume=resume)
+
+
+def placement_plan(source: ConfigSource, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """What a run would do on this machine's inventory, without starting anything (``--dry-run``)."""
+    config = load_config(source, overrides)
+    spec = build_spec(config)
+    kwargs = spec.supervisor
+    inventory = Inventory.from_spec(kwargs["devices"], margin=parse_bytes(kwargs["memory_margin"]),
+                                    context_memory=parse_bytes(kwargs["cuda_context_memory"]))
+    estimate = parse_bytes(config.task.estimate_cuda_memory)
+    devices: list[dict[str, Any]] = []
+    for gpu in inventory.gpus:
+        per_task = inventory.cost(estimate, resident=False)
+        fits = max(0, inventory.room(gpu) // per_task) if per_task else None
+        devices.append({"name": gpu.name, "memory": format_bytes(gpu.total),
+                        "usable": format_bytes(inventory.room(gpu)), "tasks_at_once": fits})
+    problem = None
+    if inventory.gpus and estimate > inventory.largest_capacity():
+        problem = (f"task.estimate_cuda_memory {format_bytes(estimate)} does not fit on any device "
+                   f"(largest usable {format_bytes(inventory.largest_capacity())})")
+    slots = (sum(d["tasks_at_once"] or 0 for d in devices) if devices
+             else inventory.cpu.cores // max(config.task.cpus, 1))
+    return {
+        "name": spec.name, "output": str(spec.output), "clients": spec.clients, "rounds": spec.rounds,
+        "clients_per_round": spec.clients_per_round, "min_clients": spec.min_clients, "strategy": repr(spec.strategy),
+        "task": config.task.class_, "estimate_memory": format_bytes(parse_bytes(config.task.estimate_memory)),
+        "estimate_cuda_memory": format_bytes(estimate), "devices": devices,
+        "cpu_cores": inventory.cpu.cores, "max_loaded": kwargs["max_loaded"] or 2 * inventory.cpu.cores,
+        "training_at_once": slots if kwargs["max_training"] is None else min(slots, kwargs["max_training"]),
+        "problem": problem,
+    }

@@ -1,0 +1,218 @@
+"""The command line: a thin translator from argv to a library call to an exit status. The core never prints.
+
+Exit statuses: 0 success, 1 the run failed, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from fedsup.engine.errors import ConfigError, FedsupError, RunFailed, TaskContractError
+
+
+class ExitStatus(IntEnum):
+    SUCCESS = 0
+    RUN_FAILED = 1
+    BAD_INPUT = 2
+    INTERRUPTED = 130
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedsup.federated.runner import placement_plan, prepare
+    from fedsup.ui.live import LiveView
+
+    if args.dry_run:
+        return _show_plan(placement_plan(args.config, args.set))
+    console = Console(stderr=True)
+    view = LiveView(console)
+    federation = prepare(args.config, args.set, args.output, on_event=view.on_event)
+    view.attach(federation)
+    try:
+        summary = federation.run(resume=args.resume)
+    finally:
+        view.stop()
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary["final_metrics"].items())
+    print(f"{summary['name']}: {summary['status']}, {summary['rounds_completed']}/{summary['rounds']} rounds "
+          f"in {summary['totals']['duration']:.1f}s; {metrics}")
+    print(f"run directory: {federation.path}")
+    return ExitStatus.SUCCESS
+
+
+def _show_plan(plan: dict[str, Any]) -> int:
+    print(f"{plan['name']}: {plan['clients']} clients, {plan['rounds']} rounds of {plan['clients_per_round']} "
+          f"(min {plan['min_clients']}), {plan['strategy']}")
+    print(f"task {plan['task']}: estimate {plan['estimate_memory']} host, {plan['estimate_cuda_memory']} GPU")
+    for device in plan["devices"]:
+        print(f"  {device['name']}: {device['memory']} ({device['usable']} usable now) -> "
+              f"{device['tasks_at_once']} task(s) at once")
+    if not plan["devices"]:
+        print(f"  cpu: {plan['cpu_cores']} cores -> {plan['training_at_once']} task(s) training at once")
+    print(f"at most {plan['max_loaded']} task processes alive, {plan['training_at_once']} training at once")
+    print(f"output: {plan['output']}")
+    if plan["problem"]:
+        print(f"fedsup: error: {plan['problem']}", file=sys.stderr)
+        return ExitStatus.BAD_INPUT
+    return ExitStatus.SUCCESS
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fedsup.federated.config import load_config
+
+    config = load_config(args.config, args.set)
+    print(f"{args.config}: valid ({config.federation.clients} clients, {config.federation.rounds} rounds, "
+          f"task {config.task.class_})")
+    return ExitStatus.SUCCESS
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from fedsup.engine.devices import cpu_cores, describe_gpus
+    from fedsup.engine.units import format_bytes
+
+    gpus = describe_gpus()
+    if args.json:
+        _print_json({"gpus": gpus, "cpu_cores": cpu_cores()})
+        return ExitStatus.SUCCESS
+    if not gpus:
+        print(f"no NVIDIA GPUs found (NVML reports none); tasks run on the CPU ({cpu_cores()} cores)")
+    for gpu in gpus:
+        total, free = format_bytes(gpu["total"]), format_bytes(gpu["free"])
+        print(f"{gpu['name']:8} {gpu['model']:28} total {total:>10}   free {free:>10}")
+    return ExitStatus.SUCCESS
+
+
+def _run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    if not (run_dir / "events.jsonl").exists():
+        raise ConfigError(f"RUN_DIR: {path} is not a fedsup run directory (it has no events.jsonl)")
+    return run_dir
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedsup.ui.report import json_summary, load_run, text_summary
+
+    run = load_run(_run_dir(args.run_dir))
+    if args.json:
+        _print_json(json_summary(run))
+    else:
+        print(text_summary(run))
+    return ExitStatus.SUCCESS
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsup.ui.report import load_run, text_summary, write_report
+
+    run_dir = _run_dir(args.run_dir)
+    path = write_report(run_dir, args.out)
+    print(text_summary(load_run(run_dir)))
+    print(f"report: {path}")
+    return ExitStatus.SUCCESS
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsup", description="A federated-learning process supervisor.",
+                                     epilog="exit statuses: 0 success, 1 run failed, 2 bad input, 130 interrupted")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run (or resume) the federated run a config describes")
+    run.add_argument("config", help="the run's YAML config")
+    run.add_argument("--resume", action="store_true", help="continue the run in its output directory")
+    run.add_argument("--output", help="the run directory (default: the config's output)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set federation.rounds=10 (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the placement plan; run nothing")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a config and report every problem at once")
+    validate.add_argument("config")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(func=cmd_validate)
+
+    devices = sub.add_parser("devices", help="list GPUs with total and free memory")
+    devices.add_argument("--json", action="store_true", help="print JSON")
+    devices.set_defaults(func=cmd_devices)
+
+    status = sub.add_parser("status", help="how a run stands: rounds, tasks, metrics")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.html with a device timeline and charts")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = {0: logging.INFO, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "fedsup_cli", False)]:
+        root.removeHandler(old)  # main() may run more than once in a process (tests, notebooks)
+    setattr(handler, "fedsup_cli", True)  # noqa: B010 - a mark on the handler, found again above
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    # fedsup's own progress lines at INFO; libraries stay at WARNING unless -vv
+    logging.getLogger("fedsup").setLevel(level if verbose else logging.WARNING)
+    logging.getLogger("fedsup.run").setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args))
+    except (ConfigError, TaskContractError) as exc:
+        return _fail(args, exc, ExitStatus.BAD_INPUT)
+    except RunFailed as exc:
+        return _fail(args, exc, ExitStatus.RUN_FAILED)
+    except FedsupError as exc:
+        return _fail(args, exc, ExitStatus.RUN_FAILED)
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        print("fedsup: interrupted; the run directory holds everything finished so far (--resume continues)",
+              file=sys.stderr)
+        return ExitStatus.INTERRUPTED
+
+
+def _fail(args: argparse.Namespace, exc: Exception, status: ExitStatus) -> int:
+    if args.traceback:
+        raise exc
+    print(f"fedsup: error: {exc}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

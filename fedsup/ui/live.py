@@ -1,0 +1,112 @@
+"""What the CLI shows while a federated run goes: a live panel on a terminal, plain log lines elsewhere.
+
+This is rendering, so it lives beside the CLI: the core only reports events and keeps its state readable.
+The panel is redrawn by rich's refresh thread, which starts only once the run's fork server exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from fedsup.engine.states import TaskStatus
+from fedsup.engine.units import format_bytes
+from fedsup.federated.rounds import Federation
+
+log = logging.getLogger("fedsup.run")
+
+
+def _fmt_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))) or "-"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+class LiveView:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.federation: Federation | None = None
+        self.live: Live | None = None
+        self.started = time.monotonic()
+        self.last_round: dict[str, Any] | None = None
+
+    def attach(self, federation: Federation) -> None:
+        self.federation = federation
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "run_started" and self.console.is_terminal:
+            self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4)
+            self.live.start()
+        elif kind == "round_finished":
+            self.last_round = event
+            line = (f"round {event['round']}/{self.federation.spec.rounds if self.federation else '?'}: "
+                    f"{len(event['finished'])} finished, {len(event['failed'])} failed, "
+                    f"{len(event['retried'])} retried in {event['duration']:.1f}s; "
+                    f"train {_fmt_metrics(event['train_metrics'])}; eval {_fmt_metrics(event['eval_metrics'])}")
+            if self.live is not None:
+                self.live.console.log(line)
+            else:
+                log.warning(line) if event["failed"] else log.info(line)
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def render(self) -> Group:
+        try:
+            return self._render()
+        except RuntimeError:  # the scheduler changed a dict under us; the next refresh will do
+            return Group(Text("…"))
+
+    def _render(self) -> Group:
+        fed = self.federation
+        if fed is None or fed.supervisor.scheduler is None:
+            return Group(Text("starting…"))
+        scheduler = fed.supervisor.scheduler
+        elapsed = time.monotonic() - self.started
+        done = len(fed.rounds)
+        eta = (elapsed / done * (fed.spec.rounds - done)) if done else None
+        head = Text.assemble(
+            ("fedsup ", "bold"), (fed.spec.name, "bold cyan"),
+            f"   round {fed.round}/{fed.spec.rounds}   elapsed {_duration(elapsed)}",
+            f"   ETA {_duration(eta)}" if eta is not None else "",
+        )
+        current = [h for h in list(scheduler.handles) if h.task_id.startswith(f"round-{fed.round}.")]
+        counts = Counter(h.status for h in current)
+        states = Table.grid(padding=(0, 2))
+        shown = [s for s in TaskStatus if counts.get(s)]
+        states.add_row(*[Text(s.value, style=_STYLE.get(s, "")) for s in shown])
+        states.add_row(*[str(counts[s]) for s in shown])
+        retries = sum(max(0, len(h.history) - 1) for h in current)
+        devices = Table("device", "reserved", "used", "training", box=None, pad_edge=False)
+        inventory = scheduler.inventory
+        for gpu in inventory.gpus:
+            reserved = sum(list(gpu.reservations.values()))
+            free = inventory.probe.free(gpu.index) if inventory.probe and gpu.index is not None else None
+            used = format_bytes(gpu.total - free) if free is not None else "-"
+            devices.add_row(gpu.name, f"{format_bytes(reserved)} / {format_bytes(gpu.total)}", used,
+                            str(len(gpu.reservations)))
+        devices.add_row("cpu", f"{inventory.cpu.used_cores}/{inventory.cpu.cores} cores", "-",
+                        str(scheduler.training))
+        parts: list[Any] = [head, states, Text(f"retries this round: {retries}   processes: {len(scheduler.procs)}"),
+                            devices]
+        if self.last_round is not None:
+            parts.append(Text(f"last round: eval {_fmt_metrics(self.last_round['eval_metrics'])}", style="green"))
+        return Group(*parts)
+
+
+_STYLE = {TaskStatus.TRAINING: "yellow", TaskStatus.FINISHED: "green", TaskStatus.FAILED: "bold red",
+          TaskStatus.EXCEPTION: "red", TaskStatus.CRASHED: "red", TaskStatus.TIMEOUT: "red",
+          TaskStatus.INTERRUPT: "magenta", TaskStatus.LOADING: "blue", TaskStatus.WAITING: "cyan"}

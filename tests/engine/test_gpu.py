@@ -1,0 +1,72 @@
+"""Real CUDA work: run where an NVIDIA GPU is present, skipped elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedsup
+from fedsup.engine.devices import describe_gpus
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not describe_gpus(), reason="no NVIDIA GPU visible through NVML")]
+
+from gpu_toys import Allocate, ContextSize, OomOnce  # noqa: E402
+
+
+@pytest.mark.timeout(180)
+def test_real_cuda_task_is_pinned_and_measured(tmp_path: Path) -> None:
+    records = fedsup.Supervisor(devices="auto", run_dir=tmp_path).run([Allocate("a", 1.0, "2GiB")])
+    record = records[0]
+    assert record.status is fedsup.TaskStatus.FINISHED, record.error
+    assert record.device == "cuda:0"
+    assert record.result["visible"] == "0" and record.result["count"] == 1
+    assert record.peak_gpu_memory is not None and record.peak_gpu_memory >= 1024**3
+    assert not torch.cuda.is_initialized(), "the supervisor must never initialise CUDA"
+
+
+@pytest.mark.timeout(180)
+def test_real_cuda_oom_is_requeued_with_a_larger_estimate(tmp_path: Path) -> None:
+    records = fedsup.Supervisor(devices="auto", run_dir=tmp_path / "run").run([OomOnce("oom", str(tmp_path))])
+    record = records[0]
+    assert record.status is fedsup.TaskStatus.FINISHED, record.error
+    assert record.attempts == 2
+    assert record.history[0].status is fedsup.TaskStatus.INTERRUPT
+    assert record.history[0].error.kind == "cuda_oom"
+    assert record.estimate_cuda_memory > 1024**3
+
+
+@pytest.mark.timeout(300)
+def test_real_packing_by_estimate(tmp_path: Path) -> None:
+    total = describe_gpus()[0]["total"]
+    per_task = total // 3 - 1024**3  # three fit at once, a fourth does not
+    gib = per_task / 1024**3
+    tasks = [Allocate(f"p{i}", gib * 0.8, str(per_task), hold=1.0) for i in range(6)]
+    records = fedsup.Supervisor(devices=[0], cpus=8, max_loaded=8, run_dir=tmp_path).run(tasks)
+    assert all(r.status is fedsup.TaskStatus.FINISHED for r in records), [r.error for r in records]
+    spans = [(r.train.started, r.train.started + r.train.duration) for r in records]
+    most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert 2 <= most <= 3
+
+
+@pytest.mark.timeout(180)
+def test_cuda_context_size(tmp_path: Path, record_property: object) -> None:
+    record = fedsup.Supervisor(devices="auto").run([ContextSize("ctx")])[0]
+    assert record.status is fedsup.TaskStatus.FINISHED, record.error
+    used, reserved = record.result["nvml_used"], record.result["torch_reserved"]
+    print(f"\nCUDA context: NVML {used / 2**20:.0f} MiB for the process, torch reserved {reserved / 2**20:.0f} MiB")
+    assert used is None or used > 0
+
+
+@pytest.mark.timeout(180)
+def test_enforced_estimate_too_small_runs_out_of_memory_then_finishes(tmp_path: Path) -> None:
+    # 1 GiB held under a 256 MiB estimate: capped by enforce_memory, the first attempts run out of GPU memory
+    # and are requeued with the estimate raised (256 -> 512 -> 768 -> 1152 MiB) until the task fits.
+    task = Allocate("small-estimate", 1.0, "256MiB")
+    record = fedsup.Supervisor(devices="auto", enforce_memory=True, max_interrupts=5).run([task])[0]
+    assert record.status is fedsup.TaskStatus.FINISHED, record.error
+    assert [a.status for a in record.history[:-1]] == [fedsup.TaskStatus.INTERRUPT] * (record.attempts - 1)
+    assert record.attempts >= 2 and all(a.error.kind == "cuda_oom" for a in record.history[:-1])
+    assert record.estimate_cuda_memory >= 1024**3
