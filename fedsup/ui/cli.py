@@ -104,7 +104,7 @@ def _run_dir(path: str) -> Path:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedsup.ui.report import json_summary, load_run, text_summary
+    from fedsup.ui.digest import json_summary, load_run, text_summary
 
     run = load_run(_run_dir(args.run_dir))
     if args.json:
@@ -115,7 +115,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsup.ui.report import load_run, text_summary, write_report
+    from fedsup.ui.digest import load_run, text_summary
+    from fedsup.ui.report import write_report
 
     run_dir = _run_dir(args.run_dir)
     path = write_report(run_dir, args.out)

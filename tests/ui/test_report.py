@@ -30,7 +30,7 @@ from report_fixtures.tasks import AlwaysFails, FailsOnce, Sleepy
 import fedsup
 from fedsup import AttemptRecord, PhaseRecord, TaskRecord, TaskStatus
 from fedsup.engine.errors import ConfigError
-from fedsup.ui import report
+from fedsup.ui import charts, digest, report
 
 ODD_ID = "ok-<1>&"   # needs escaping in HTML text and attributes
 
@@ -129,8 +129,8 @@ def svg_ids(page: Page) -> list[str]:
 
 
 def test_engine_run_summaries(engine_run: Path) -> None:
-    run = report.load_run(engine_run)
-    summary = report.json_summary(run)
+    run = digest.load_run(engine_run)
+    summary = digest.json_summary(run)
     assert summary["status"] == "finished"
     assert summary["tasks"] == {"total": 3, "finished": 2, "failed": 1, "cancelled": 0, "unfinished": 0,
                                 "retried": 2}
@@ -139,7 +139,7 @@ def test_engine_run_summaries(engine_run: Path) -> None:
                                   "reason": "failed 2 times (max_retries=1)"}]
     assert {"rounds.jsonl", "summary.json", "config.yaml"} <= set(summary["missing"])
     assert json.loads(json.dumps(summary)) == summary
-    text = report.text_summary(run)
+    text = digest.text_summary(run)
     assert "run run: finished" in text
     assert "2 finished, 1 failed" in text and "2 retried, 5 attempts" in text
     assert "slowest tasks: " in text and "CPU time:" in text and "wall time:" in text
@@ -174,20 +174,20 @@ def test_write_report_to_another_path(engine_run: Path, tmp_path: Path) -> None:
 
 
 def test_federated_run_loads_despite_a_truncated_line(federated_run: Path) -> None:
-    run = report.load_run(federated_run)
+    run = digest.load_run(federated_run)
     assert any("skipped 1 line" in p for p in run.problems)
     assert len(run.rounds) == 5 and run.summary is not None and run.config is not None
     assert set(run.records) == {f"client-{i}" for i in range(5)} | {TRICKY}
-    summary = report.json_summary(run)
+    summary = digest.json_summary(run)
     assert summary["status"] == "finished" and summary["status_source"] == "summary.json"
     assert summary["rounds"] == 5 and summary["rounds_completed"] == 5
     assert summary["final_metrics"] == {"loss": 0.3006, "accuracy": 0.9}
     assert summary["tasks"]["failed"] == 1 and summary["tasks"]["retried"] == 2
-    assert "rounds: 5 of 5 completed" in report.text_summary(run)
+    assert "rounds: 5 of 5 completed" in digest.text_summary(run)
 
 
 def test_federated_run_page(federated_run: Path) -> None:
-    html_text = report.render_html(report.load_run(federated_run))
+    html_text = report.render_html(digest.load_run(federated_run))
     page = parse(html_text)
     assert svg_ids(page) == ["timeline", "metrics", "memory"]
     series = {a["data-series"] for a in page.find("g", "series")}
@@ -201,7 +201,7 @@ def test_federated_run_page(federated_run: Path) -> None:
     assert devices == ["cuda:0", "cuda:1"]
     assert len(page.find("text", "round-label")) == 5 and len(page.find("rect", "round-band")) == 5
     assert [t for t in page.texts if re.fullmatch(r"round \d+", t)] == [f"round {r}" for r in range(1, 6)]
-    assert {a["data-task"] for a in page.find("g", "mem-row")} == set(report.load_run(federated_run).records)
+    assert {a["data-task"] for a in page.find("g", "mem-row")} == set(digest.load_run(federated_run).records)
     assert len(page.find("rect", "gpu")) == 6
     assert [a["data-task"] for a in page.find("tr") if "data-task" in a] == [FAILED_CLIENT, OOM_CLIENT]
     assert 'client&lt;5&gt;&amp;&quot;x&quot;' in html_text and TRICKY not in html_text
@@ -211,8 +211,8 @@ def test_federated_run_page(federated_run: Path) -> None:
 
 
 def test_killed_run_is_incomplete(killed_run: Path) -> None:
-    run = report.load_run(killed_run)
-    summary = report.json_summary(run)
+    run = digest.load_run(killed_run)
+    summary = digest.json_summary(run)
     assert summary["status"] == "incomplete" and summary["tasks"]["unfinished"] > 0
     assert {"rounds.jsonl", "summary.json", "tasks/*/record.json"} <= set(summary["missing"])
     page = parse(report.render_html(run))
@@ -237,32 +237,32 @@ def test_evaluate_phases_have_their_own_colour(tmp_path: Path) -> None:
                         peak_memory=100 * 2**20)
     (tmp_path / "tasks" / task).mkdir(parents=True)
     (tmp_path / "tasks" / task / "record.json").write_text(record.model_dump_json())
-    page = parse(report.render_html(report.load_run(tmp_path)))
+    page = parse(report.render_html(digest.load_run(tmp_path)))
     assert [a["class"] for a in page.find("path", "bar")] == ["bar start", "bar load", "bar evaluate"]
     assert "evaluate" in page.texts
 
 
 def test_not_a_run_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a fedsup run directory"):
-        report.load_run(tmp_path)
+        digest.load_run(tmp_path)
 
 
 def test_large_run_stays_small(tmp_path: Path) -> None:
     run_dir = write_large_run(tmp_path / "large", tasks=1000)
-    html_text = report.render_html(report.load_run(run_dir))
+    html_text = report.render_html(digest.load_run(run_dir))
     assert len(html_text.encode()) < 1_500_000
     page = parse(html_text)
     assert svg_ids(page) == ["timeline", "memory"]
     assert len(page.attempts()) == 1044
-    assert len(page.find("g", "mem-row")) == report.TOP_MEMORY_BARS
+    assert len(page.find("g", "mem-row")) == charts.TOP_MEMORY_BARS
     assert len(page.find("g", "hist-bin")) == 2 * 30
-    assert len(page.find("tr")) <= report.MAX_FAILURE_ROWS + report.SLOWEST + 2
+    assert len(page.find("tr")) <= report.MAX_FAILURE_ROWS + digest.SLOWEST + 2
 
 
 def test_long_federated_run_stays_small(tmp_path: Path) -> None:
     """A thousand clients training in each of 20 rounds: 21,000 bars, still a page of a megabyte or so."""
     run_dir = write_long_federated_run(tmp_path / "long", clients=1000, rounds=20)
-    html_text = report.render_html(report.load_run(run_dir))
+    html_text = report.render_html(digest.load_run(run_dir))
     assert len(html_text.encode()) < 2_000_000
     page = parse(html_text)
     assert svg_ids(page) == ["timeline", "metrics"]
@@ -273,8 +273,8 @@ def test_long_federated_run_stays_small(tmp_path: Path) -> None:
 
 def test_too_many_bars_are_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = write_long_federated_run(tmp_path / "long", clients=50, rounds=20)
-    monkeypatch.setattr(report, "MAX_BARS", 500)
-    html_text = report.render_html(report.load_run(run_dir))
+    monkeypatch.setattr(charts, "MAX_BARS", 500)
+    html_text = report.render_html(digest.load_run(run_dir))
     assert "1,050 phases: phases of an attempt less than" in html_text
     bars = sum(a["d"].count("z") for a in parse(html_text).find("path", "bar"))
     assert 50 * 2 <= bars <= 500
@@ -284,16 +284,16 @@ def test_too_many_bars_are_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_nice_ticks() -> None:
-    assert report.nice_ticks(0, 10, 5) == [0, 2, 4, 6, 8, 10]
-    assert report.nice_ticks(0.3, 0.92, 5, cover=True) == [0.2, 0.4, 0.6, 0.8, 1.0]
-    assert report.nice_ticks(0, 2.94, 10) == [0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert charts.nice_ticks(0, 10, 5) == [0, 2, 4, 6, 8, 10]
+    assert charts.nice_ticks(0.3, 0.92, 5, cover=True) == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert charts.nice_ticks(0, 2.94, 10) == [0, 0.5, 1.0, 1.5, 2.0, 2.5]
 
 
 def test_pack_rows_keeps_a_retry_on_its_task_row() -> None:
-    def attempt(task: str, number: int, start: float, end: float) -> report.Attempt:
-        return report.Attempt(task, number, "cpu", [report.Span("train", start, end)])
+    def attempt(task: str, number: int, start: float, end: float) -> digest.Attempt:
+        return digest.Attempt(task, number, "cpu", [digest.Span("train", start, end)])
 
-    rows = report.pack_rows([attempt("a", 1, 0, 5), attempt("b", 1, 1, 3), attempt("c", 1, 5.5, 5.8),
+    rows = charts.pack_rows([attempt("a", 1, 0, 5), attempt("b", 1, 1, 3), attempt("c", 1, 5.5, 5.8),
                              attempt("b", 2, 6, 8)])
     assert [[(a.task, a.number) for a in row] for row in rows] == [[("a", 1), ("c", 1)], [("b", 1), ("b", 2)]]
     for row in rows:
