@@ -9,22 +9,19 @@ one line per problem: ``<key.path>: <what is wrong> (got <value>)``.
 
 YAML is read with ``yaml.safe_load`` only: a config is data, and a tag such as ``!!python/object`` would
 run code. Sizes are written as ``512MiB``/``2GiB`` or plain bytes and stored as int bytes.
+
+This module is the schema and the entry points; the wording of problems is ``problems.py``'s, the
+``--set`` overrides are ``overrides.py``'s, and ``module:Class`` resolution is ``classes.py``'s.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
-import importlib
-import importlib.util
-import inspect
 import os
 import re
-import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -41,13 +38,24 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
 from fedsup.engine.errors import ConfigError
 from fedsup.engine.faults import FaultPlan
 from fedsup.engine.messages import Fault
 from fedsup.engine.task import Task
 from fedsup.engine.units import parse_bytes
+from fedsup.federated.classes import class_problems, is_file_spec, one_line, resolve_class
+from fedsup.federated.overrides import apply
+from fedsup.federated.problems import (
+    ConfigProblems,
+    Problem,
+    did_you_mean,
+    problem_lines,
+    raise_problems,
+    read_file,
+    show,
+)
 from fedsup.federated.strategies import Strategy
 
 __all__ = [
@@ -81,46 +89,8 @@ _RESERVED_ARGS = {
     "cpus": "belongs in task.cpus, not task.args",
 }
 
-Loc = tuple[str | int, ...]
-Problem = tuple[Loc, str, Any]
-
-
-class ConfigProblems(ConfigError):
-    """Everything wrong with one config; ``problems`` holds one ``<key.path>: <what> (got <value>)`` each."""
-
-    def __init__(self, problems: Sequence[str], origin: str | None = None) -> None:
-        self.problems = list(problems)
-        self.origin = origin
-        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        where = f"config {origin}" if origin else "config"
-        super().__init__(f"{where} has {count}:\n" + "\n".join(f"  {p}" for p in self.problems))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.problems, self.origin))
-
 
 # -- small pieces the models share
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-def _suggest(word: Any, choices: Sequence[str]) -> str | None:
-    matches = difflib.get_close_matches(str(word), list(choices), n=1)
-    return matches[0] if matches else None
-
-
-def _did_you_mean(word: Any, choices: Sequence[str]) -> str:
-    match = _suggest(word, choices)
-    return f"; did you mean {match!r}?" if match else ""
-
-
-def _raise_problems(problems: list[Problem]) -> None:
-    """Raise several problems from one validator; ``_problem_lines`` unpacks them with their own key paths."""
-    if problems:
-        raise PydanticCustomError("fedsup_problems", "{count} problems", {"count": len(problems), "problems": problems})
 
 
 _SIZE_HINT = "expected a size such as 512MiB, 2GiB or 1.5GB, or a whole number of bytes"
@@ -169,13 +139,9 @@ class _Section(BaseModel):
 _CLASS_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
-def _is_file_spec(target: str) -> bool:
-    return target.endswith(".py") or "/" in target or os.sep in target
-
-
 def _check_class_spec(spec: str, what: str) -> None:
     target, _, name = spec.rpartition(":")
-    if not target or not _CLASS_SPEC.match(name) or not (_is_file_spec(target) or _CLASS_SPEC.match(target)):
+    if not target or not _CLASS_SPEC.match(name) or not (is_file_spec(target) or _CLASS_SPEC.match(target)):
         raise PydanticCustomError("class_spec", f"expected {what}")
 
 
@@ -195,14 +161,14 @@ class TaskConfig(_Section):
         base_dir = (info.context or {}).get("base_dir")
         target, _, name = value.rpartition(":")
         # Absolute, so the resolved YAML loads the same file wherever it is saved.
-        if base_dir is not None and _is_file_spec(target):
+        if base_dir is not None and is_file_spec(target):
             return f"{os.path.abspath(os.path.join(base_dir, target))}:{name}"
         return value
 
     @field_validator("args")
     @classmethod
     def _own_args(cls, args: dict[str, Any]) -> dict[str, Any]:
-        _raise_problems([((key,), why, args[key]) for key, why in _RESERVED_ARGS.items() if key in args])
+        raise_problems([((key,), why, args[key]) for key, why in _RESERVED_ARGS.items() if key in args])
         return args
 
 
@@ -224,8 +190,8 @@ class FederationConfig(_Section):
             return value
         module, _, name = value.rpartition(":")
         # A module name, not a file: strategies are imported by name (fedsup.federated.strategies.make_strategy).
-        if _is_file_spec(module) or not (_CLASS_SPEC.match(module) and _CLASS_SPEC.match(name)):
-            hint = _did_you_mean(value, list(STRATEGIES))
+        if is_file_spec(module) or not (_CLASS_SPEC.match(module) and _CLASS_SPEC.match(name)):
+            hint = did_you_mean(value, list(STRATEGIES))
             raise PydanticCustomError("strategy", f"expected one of {', '.join(STRATEGIES)} or 'module:Class'{hint}")
         return value
 
@@ -258,7 +224,7 @@ class FederationConfig(_Section):
     @field_validator("strategy_args")
     @classmethod
     def _known_strategy_args(cls, args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        _raise_problems(_strategy_arg_problems(info.data.get("strategy"), args))
+        raise_problems(_strategy_arg_problems(info.data.get("strategy"), args))
         return args
 
 
@@ -268,7 +234,7 @@ def _strategy_arg_problems(strategy: str | None, args: dict[str, Any]) -> list[P
     known = STRATEGIES[strategy]
     why = f"{strategy} takes no argument of that name" if known else f"{strategy} takes no arguments"
     problems: list[Problem] = [
-        ((key,), why + _did_you_mean(key, known), value) for key, value in args.items() if key not in known
+        ((key,), why + did_you_mean(key, known), value) for key, value in args.items() if key not in known
     ]
     beta = args.get("beta")
     if "beta" in known and "beta" in args and (
@@ -309,11 +275,12 @@ def _devices_kind(value: Any) -> str | None:
 
 def _device_word(value: Any) -> Any:
     if value not in ("auto", "cpu"):
-        raise PydanticCustomError("devices", _DEVICES_HINT + _did_you_mean(value, ["auto", "cpu"]))
+        raise PydanticCustomError("devices", _DEVICES_HINT + did_you_mean(value, ["auto", "cpu"]))
     return value
 
 
 _DEVICE_TAGS = ("word", "indices", "described")
+_SHAPES = {"DeviceSpec": "expected a described GPU such as {name: cuda:0, memory: 16GiB}"}
 _DeviceWord = Annotated[Literal["auto", "cpu"], BeforeValidator(_device_word), Tag("word")]
 _DeviceIndices = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), Tag("indices")]
 _DeviceList = Annotated[list[DeviceSpec], Field(min_length=1), Tag("described")]
@@ -361,7 +328,7 @@ class SupervisorConfig(_Section):
         if not isinstance(self.devices, list):
             return self
         keys = [d.name if isinstance(d, DeviceSpec) else d for d in self.devices]
-        _raise_problems([(("devices", i), "appears twice in devices", key)
+        raise_problems([(("devices", i), "appears twice in devices", key)
                          for i, key in enumerate(keys) if key in keys[:i]])
         return self
 
@@ -410,7 +377,7 @@ class RunConfig(_Section):
     def _defaults_and_faults(self) -> RunConfig:
         if not self.output:
             self.output = f"runs/{self.name}"
-        _raise_problems(_hang_problems(self))
+        raise_problems(_hang_problems(self))
         return self
 
 
@@ -427,385 +394,23 @@ def _hang_problems(config: RunConfig) -> list[Problem]:
              config.faults.kinds)]
 
 
-# -- turning pydantic's errors into problem lines
-
-
-_MESSAGES = {
-    "int_type": "expected a whole number",
-    "int_from_float": "expected a whole number",
-    "float_type": "expected a number",
-    "finite_number": "expected a finite number",
-    "bool_type": "expected true or false",
-    "string_type": "expected a string",
-    "dict_type": "expected a mapping",
-    "model_type": "expected a mapping of keys",
-    "model_attributes_type": "expected a mapping of keys",
-    "list_type": "expected a list",
-    "invalid_key": "keys must be strings",
-    "too_short": "expected at least {min_length} item(s)",
-    "greater_than_equal": "must be at least {ge}",
-    "greater_than": "must be more than {gt}",
-    "less_than_equal": "must be at most {le}",
-    "less_than": "must be less than {lt}",
-    "literal_error": "expected {expected}",
-}
-
-
-def _key_path(loc: Loc) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) and text else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> Loc:
-    """Drop the union tags pydantic puts into locations (``supervisor.devices.described.0``)."""
-    out: list[str | int] = []
-    for part in loc:
-        if out and out[-1] == "devices" and part in _DEVICE_TAGS:
-            continue
-        out.append(part if isinstance(part, (str, int)) else str(part))
-    return tuple(out)
-
-
-def _section_at(loc: Loc) -> type[BaseModel] | None:
-    """The model that describes the mapping at ``loc`` (list positions included), or None where none does."""
-    model: type[BaseModel] | None = RunConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = _fields(model).get(part)
-        model = _model_in(field, through_lists=True) if field is not None else None
-    return model
-
-
-def _fields(model: type[BaseModel] | None) -> dict[str, Any]:
-    """A model's keys as written in YAML (aliases), each with its annotation."""
-    if model is None:
-        return {}
-    return {f.alias or name: f.annotation for name, f in model.model_fields.items()}
-
-
-def _model_in(annotation: Any, through_lists: bool) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = get_origin(annotation)
-    if origin not in (Union, types.UnionType, Annotated, list) or (origin is list and not through_lists):
-        return None
-    found = [m for arg in get_args(annotation) if (m := _model_in(arg, through_lists)) is not None]
-    return found[0] if found else None
-
-
-def _unknown_key_line(loc: Loc) -> tuple[str, str | None]:
-    known = list(_fields(_section_at(loc[:-1])))
-    match = _suggest(loc[-1], known)
-    hint = f"; did you mean {match!r}?" if match else f" (known keys: {', '.join(known)})"
-    return f"{_key_path(loc)}: unknown key{hint}", match
-
-
-def _message(error: ErrorDetails) -> str:
-    kind = error["type"]
-    if kind not in _MESSAGES:
-        return error["msg"]
-    if kind == "model_type" and (error.get("ctx") or {}).get("class_name") == "DeviceSpec":
-        return "expected a described GPU such as {name: cuda:0, memory: 16GiB}"
-    message = _MESSAGES[kind].format_map(error.get("ctx") or {})
-    if kind == "literal_error" and isinstance(error["input"], str):
-        choices = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", "")))
-        message += _did_you_mean(error["input"], choices)
-    return message
-
-
-def _problem_lines(errors: list[ErrorDetails]) -> list[str]:
-    lines: list[str] = []
-    suggested: set[Loc] = set()  # keys an unknown key was taken for: their "missing" would only repeat it
-    missing: list[Loc] = []
-    for error in errors:
-        loc = _clean_loc(error["loc"])
-        if error["type"] == "fedsup_problems":
-            ctx = error.get("ctx") or {}
-            lines += [f"{_key_path(loc + sub)}: {what} (got {_show(value)})" for sub, what, value in ctx["problems"]]
-        elif error["type"] == "extra_forbidden":
-            line, match = _unknown_key_line(loc)
-            lines.append(line)
-            if match:
-                suggested.add((*loc[:-1], match))
-        elif error["type"] == "missing":
-            missing.append(loc)
-        else:
-            if loc and loc[-1] == "[key]":
-                loc = loc[:-1]
-            lines.append(f"{_key_path(loc)}: {_message(error)} (got {_show(error['input'])})")
-    lines += [f"{_key_path(loc)}: required key is missing" for loc in missing if loc not in suggested]
-    return lines
-
-
-# -- reading YAML
-
-
-def _mark(origin: str, mark: Any) -> str:
-    return f"{origin}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else origin
-
-
-def _yaml_reason(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in str(exc.problem):
-        found = re.search(r"'([^']*)'", str(exc.problem))
-        tag = found.group(1).replace("tag:yaml.org,2002:", "!!") if found else ""
-        return (f"unsafe or unknown YAML tag {tag!r}: unsafe tags such as "
-                "!!python/object are not allowed (configs are read with yaml.safe_load)")
-    if isinstance(exc, yaml.MarkedYAMLError):
-        return "YAML syntax error: " + " ".join(f"{exc.context or ''} {exc.problem or ''}".split())
-    return f"not valid YAML: {' '.join(str(exc).split())}"
-
-
-def _yaml_problem(exc: yaml.YAMLError, origin: str) -> str:
-    return f"{_mark(origin, getattr(exc, 'problem_mark', None))}: {_yaml_reason(exc)}"
-
-
-def _duplicate_keys(node: Any, loc: Loc, seen_nodes: set[int]) -> list[str]:
-    """Keys written twice in one mapping: yaml.safe_load keeps the last silently, which hides a typo."""
-    if id(node) in seen_nodes:
-        return []
-    seen_nodes.add(id(node))
-    lines: list[str] = []
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines += _duplicate_keys(item, (*loc, i), seen_nodes)
-    if isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key is None or key == "<<":
-                continue
-            line = key_node.start_mark.line + 1
-            if key in first_line:
-                lines.append(f"{_key_path((*loc, key))}: key written twice (lines {first_line[key]} and {line})")
-            first_line.setdefault(key, line)
-            lines += _duplicate_keys(value_node, (*loc, key), seen_nodes)
-    return lines
-
-
-def _parse_yaml(text: str, origin: str) -> Any:
-    try:
-        data = yaml.safe_load(text)
-        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), (), set())
-    except yaml.YAMLError as exc:
-        raise ConfigProblems([_yaml_problem(exc, origin)], origin) from None
-    except RecursionError:
-        raise ConfigProblems([f"{origin}: the YAML is nested too deeply"], origin) from None
-    if duplicates:
-        raise ConfigProblems(duplicates, origin)
-    return data
-
-
-def _read_file(path: Path) -> Any:
-    origin = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigProblems([f"{origin}: no such config file"], origin) from None
-    except IsADirectoryError:
-        raise ConfigProblems([f"{origin}: is a directory, not a config file"], origin) from None
-    except UnicodeDecodeError:
-        raise ConfigProblems([f"{origin}: not a YAML file (it is not UTF-8 text)"], origin) from None
-    except OSError as exc:
-        raise ConfigProblems([f"{origin}: cannot be read ({exc.strerror})"], origin) from None
-    except ValueError as exc:  # a path with a NUL byte in it
-        raise ConfigProblems([f"{origin!r}: cannot be read ({exc})"], origin) from None
-    data = _parse_yaml(text, origin)
-    if data is None:
-        raise ConfigProblems([f"{origin}: the file is empty; expected a mapping with name, task and federation"],
-                             origin)
-    return data
-
-
-# -- overrides
-
-
-def _override_target(data: dict[str, Any], parts: list[str]) -> tuple[dict[str, Any] | None, str | None]:
-    """The mapping the last key of ``parts`` goes into, made where missing; or a problem."""
-    target = data
-    for i, part in enumerate(parts[:-1]):
-        child = target.get(part)
-        if child is None:
-            child = target[part] = {}
-        if not isinstance(child, dict):
-            path = ".".join(parts[:i + 1])
-            return None, f"{path}: cannot set keys inside it: it is not a mapping (got {_show(child)})"
-        target = child
-    return target, None
-
-
-def _override_path_problem(parts: list[str]) -> str | None:
-    model: type[BaseModel] | None = RunConfig
-    for i, part in enumerate(parts):
-        if model is None:
-            return None  # inside a free-form mapping such as task.args
-        fields = _fields(model)
-        path = ".".join(parts[:i + 1])
-        if part not in fields:
-            return f"{path}: unknown key{_did_you_mean(part, list(fields))}"
-        annotation = fields[part]
-        model = _model_in(annotation, through_lists=False)
-        if model is None and get_origin(annotation) is not dict and i < len(parts) - 1:
-            return f"{path}: holds a single value; set it whole, as {path}=VALUE"
-    return None
-
-
-def _apply_one(data: dict[str, Any], override: str) -> str | None:
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        return f"{override!r}: expected an override KEY=VALUE such as federation.rounds=10"
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        return f"{key}: the value is not YAML: {_yaml_reason(exc)} (got {raw!r})"
-    parts = key.split(".")
-    problem = _override_path_problem(parts)
-    if problem:
-        return problem
-    target, problem = _override_target(data, parts)
-    if target is not None:
-        target[parts[-1]] = value
-    return problem
-
-
-def _apply(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    data = copy.deepcopy(data)
-    problems = [p for override in overrides if (p := _apply_one(data, override))]
-    return data, problems
-
-
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of ``data`` with each ``"a.b.c=value"`` set; the value is read as YAML (``10``, ``cpu``, ``[0, 1]``)."""
     if isinstance(overrides, str):
         overrides = [overrides]
-    result, problems = _apply(data, overrides)
+    result, problems = apply(RunConfig, data, overrides)
     if problems:
         raise ConfigProblems(problems)
     return result
 
 
-# -- importing classes
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
-def _import_module(name: str) -> types.ModuleType:
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 - a module can fail to import in any way; report it as the cause
-        raise ConfigError(f"cannot import module {name!r} ({_one_line(exc)})") from exc
-
-
-def _import_file(path: Path) -> types.ModuleType:
-    """Import ``path`` under its own name, with its directory on sys.path.
-
-    Tasks are pickled to their processes by reference to their class's module, so a process started with
-    spawn must be able to import that module by name: hence the plain name and the sys.path entry.
-    """
-    if not path.is_file():
-        raise ConfigError(f"file {str(path)!r} does not exist")
-    name = path.stem
-    if not name.isidentifier():
-        raise ConfigError(f"{path.name!r} cannot be imported: its name is not a valid Python module name")
-    other = _other_module(name, path)
-    if other is not None:
-        raise ConfigError(f"cannot import {str(path)!r} as module {name!r}: another module of that name exists "
-                          f"({other}); rename the file")
-    if str(path.parent) not in sys.path:
-        sys.path.append(str(path.parent))
-    return _import_module(name)
-
-
-def _other_module(name: str, path: Path) -> str | None:
-    """Where a module called ``name`` that is not ``path`` comes from, if there is one."""
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        origin = getattr(loaded, "__file__", None)
-    else:
-        importlib.invalidate_caches()  # the file may be new since the last import from its directory
-        try:
-            found = importlib.util.find_spec(name)
-        except Exception:  # noqa: BLE001 - a module that cannot even be found cleanly is still in the way
-            return "a module that cannot be inspected"
-        if found is None:
-            return None
-        origin = found.origin
-    if origin is None or Path(origin).resolve() != path.resolve():
-        return origin or "built in"
-    return None
-
-
-def _attribute(module: types.ModuleType, name: str) -> Any:
-    obj: Any = module
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            public = [n for n in dir(obj) if not n.startswith("_")]
-            raise ConfigError(f"module {module.__name__!r} has no attribute {name!r}{_did_you_mean(part, public)}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def _public_name(cls: type) -> str:
-    """The name a user imports ``cls`` by: the bases a config names are exported at the top as ``fedsup.X``."""
-    if cls in (Task, Strategy):
-        return f"fedsup.{cls.__qualname__}"
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def resolve_class(spec: str, base_dir: Path | None, base: type = Task) -> type:
-    """The class ``spec`` names: ``"module:Class"`` or ``"path/to/file.py:Class"`` (relative to ``base_dir``).
-
-    It must be a concrete subclass of ``base`` (``fedsup.Task`` unless told otherwise); ConfigError says why not.
-    A file is imported under its own name with its directory added to sys.path (see ``_import_file``).
-    """
-    target, _, name = spec.rpartition(":")
-    if not target or not name:
-        raise ConfigError(f"expected 'module:Class' or 'path/to/file.py:Class', got {spec!r}")
-    if _is_file_spec(target):
-        module = _import_file(Path(base_dir or Path.cwd(), target))
-    else:
-        module = _import_module(target)
-    obj = _attribute(module, name)
-    full = f"{getattr(obj, '__module__', module.__name__)}.{getattr(obj, '__qualname__', name)}"
-    if not isinstance(obj, type):
-        raise ConfigError(f"{full} is not a class")
-    if not issubclass(obj, base):
-        raise ConfigError(f"{full} is not a subclass of {_public_name(base)}")
-    if inspect.isabstract(obj):
-        missing = ", ".join(f"{m}()" for m in sorted(getattr(obj, "__abstractmethods__", ())))
-        raise ConfigError(f"{full} is abstract: it does not define {missing}")
-    return obj
-
-
 def _import_problems(config: RunConfig) -> list[str]:
     task, fed = config.task, config.federation
-    problems = _class_problems("task.class", task.class_, Task, "task.args", task.args, {"client_id": 0})
+    problems = class_problems("task.class", task.class_, Task, "task.args", task.args, {"client_id": 0})
     if fed.strategy not in STRATEGIES:
-        problems += _class_problems("federation.strategy", fed.strategy, Strategy, "federation.strategy_args",
+        problems += class_problems("federation.strategy", fed.strategy, Strategy, "federation.strategy_args",
                                     fed.strategy_args, {})
     return problems
-
-
-def _class_problems(key: str, spec: str, base: type, args_key: str, args: dict[str, Any],
-                    fixed: dict[str, Any]) -> list[str]:
-    """What stops ``spec`` from being imported, or from being called with ``fixed`` and ``args``."""
-    try:
-        cls = resolve_class(spec, None, base=base)
-    except ConfigError as exc:
-        return [f"{key}: {exc} (got {spec!r})"]
-    call = f"{cls.__name__}({', '.join([*(f'{k}={v!r}' for k, v in fixed.items()), f'**{args_key}'])})"
-    try:
-        inspect.signature(cls).bind(**fixed, **args)
-    except TypeError as exc:
-        return [f"{args_key}: {call} would fail: {exc} (got {_show(args)})"]
-    except ValueError:
-        pass  # no signature to check against (a class built in C)
-    return []
 
 
 # -- the public entry points
@@ -819,7 +424,7 @@ def _source_data(source: Any) -> tuple[Any, Path | None, str | None]:
         return copy.deepcopy(source), Path.cwd(), None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return _read_file(path), path.resolve().parent, str(path)
+        return read_file(path), path.resolve().parent, str(path)
     raise TypeError(f"load_config: expected a path, a dict or a RunConfig, got {type(source).__name__}")
 
 
@@ -838,12 +443,13 @@ def load_config(
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise ConfigProblems([f"{origin or 'config'}: the top level must be a mapping with name, task and "
-                              f"federation (got a {kind}: {_show(data)})"], origin)
-    data, problems = _apply(data, [overrides] if isinstance(overrides, str) else overrides)
+                              f"federation (got a {kind}: {show(data)})"], origin)
+    data, problems = apply(RunConfig, data, [overrides] if isinstance(overrides, str) else overrides)
     try:
         config = RunConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigProblems(problems + _problem_lines(exc.errors()), origin) from None
+        raise ConfigProblems(problems + problem_lines(exc.errors(), RunConfig, union_tags={"devices": _DEVICE_TAGS},
+                                                     shapes=_SHAPES), origin) from None
     if not problems and check_imports:
         problems = _import_problems(config)
     if problems:
@@ -860,7 +466,7 @@ def to_yaml(config: RunConfig) -> str:
             text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False, default_flow_style=False)
         return text
     except (ValueError, TypeError, yaml.YAMLError) as exc:
-        raise ConfigProblems([f"task.args: cannot be written as YAML ({_one_line(exc)})"]) from exc
+        raise ConfigProblems([f"task.args: cannot be written as YAML ({one_line(exc)})"]) from exc
 
 
 def _devices_arg(devices: Any) -> Any:

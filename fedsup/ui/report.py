@@ -98,7 +98,7 @@ def render_slowest(tasks: list[TaskView]) -> str:
 def _asset(name: str) -> Template:
     """A page file from ``fedsup/ui/assets``. The style sheet's ``$name`` placeholders are the chart colours,
     filled in from ``fedsup.ui.charts`` so that the page and its charts agree."""
-    return Template(resources.files("fedsup.ui").joinpath("assets", name).read_text(encoding="utf-8"))
+    return Template((resources.files("fedsup.ui") / "assets" / name).read_text(encoding="utf-8"))
 
 
 CSS = _asset("report.css")
