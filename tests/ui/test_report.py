@@ -362,7 +362,7 @@ def test_browser_renders_the_federated_page(chromium: str, federated_run: Path, 
     colours = image.colours()
     assert len(colours) > 500, "the screenshot is (nearly) blank"
     for name in ("LOAD_COLOUR", "TRAIN_COLOUR", "START_COLOUR", "HOST_COLOUR", "GPU_COLOUR"):
-        assert colours.get(_rgb(getattr(report, name)), 0) > 200, f"{name} is not on the screen"
+        assert colours.get(_rgb(getattr(charts, name)), 0) > 200, f"{name} is not on the screen"
     reds = sum(n for (r, g, b), n in colours.items() if r > 190 and g < 70 and b < 70)
     assert reds > 50, "no failure marks on the screen"
     dom = browser.dump_dom(chromium, out)
@@ -377,4 +377,4 @@ def test_browser_renders_the_engine_page(chromium: str, engine_run: Path, tmp_pa
     colours = image.colours()
     assert len(colours) > 300
     for name in ("LOAD_COLOUR", "TRAIN_COLOUR", "HOST_COLOUR"):
-        assert colours.get(_rgb(getattr(report, name)), 0) > 50, f"{name} is not on the screen"
+        assert colours.get(_rgb(getattr(charts, name)), 0) > 50, f"{name} is not on the screen"
