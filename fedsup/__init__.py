@@ -16,7 +16,8 @@ from fedsup.engine.records import AttemptRecord, ErrorInfo, PhaseRecord, TaskRec
 from fedsup.engine.states import TaskStatus
 from fedsup.engine.supervisor import Supervisor
 from fedsup.engine.task import Task
-from fedsup.federated.strategies import ClientUpdate, Strategy, make_strategy
+from fedsup.federated.registry import make_strategy
+from fedsup.federated.strategies import ClientUpdate, Strategy
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,7 @@ The code lives in ``fedsup.federated.strategies``; this module keeps the path th
 strategies written against earlier releases import. Nothing inside fedsup imports it.
 """
 
+from fedsup.federated.registry import make_strategy
 from fedsup.federated.strategies import (
     ClientUpdate,
     FedAvg,
@@ -12,7 +13,6 @@ from fedsup.federated.strategies import (
     Strategy,
     TrimmedMean,
     combine,
-    make_strategy,
     weighted_metrics,
 )
 

@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+STRATEGY_NAMES = "fedavg, fedmedian, trimmed_mean, fedavgm, fedadam, fedyogi, fedadagrad, krum, multikrum, bulyan"
 FIXTURES = Path(__file__).resolve().parent / "config_fixtures"
 TOY = f"{FIXTURES / 'toy_tasks.py'}"
 GiB = 1024**3
@@ -102,11 +103,21 @@ CATALOG: list[tuple[str, dict[str, Any], str]] = [
     ("start-method", changed("supervisor.start_method", "fork"),
      "supervisor.start_method: expected 'forkserver' or 'spawn' (got 'fork')"),
     ("strategy", changed("federation.strategy", "fedavgg"),
-     "federation.strategy: expected one of fedavg, fedmedian, trimmed_mean or 'module:Class'; did you mean 'fedavg'? "
+     f"federation.strategy: expected one of {STRATEGY_NAMES} or 'module:Class'; did you mean 'fedavg'? "
      "(got 'fedavgg')"),
     ("strategy-arg", changed("federation.strategy_args", {"beta": 0.7}, base=changed("federation.strategy",
                                                                                        "trimmed_mean")),
      "federation.strategy_args.beta: expected the fraction trimmed at each end, from 0 to below 0.5 (got 0.7)"),
+    ("strategy-unknown-option", changed("federation.strategy_args", {"etaa": 0.1}, base=changed(
+        "federation.strategy", "fedadam")), "federation.strategy_args.etaa: fedadam has no option of that name; its "
+     "options are eta, eta_l, beta_1, beta_2, tau; did you mean 'eta'? (got 0.1)"),
+    ("strategy-option-value", changed("federation.strategy_args", {"server_momentum": 1.5}, base=changed(
+        "federation.strategy", "fedavgm")),
+     "federation.strategy_args.server_momentum: must be a number in [0, 1) (got 1.5)"),
+    ("krum-round-too-small", changed("federation.strategy_args", {"num_malicious_nodes": 3}, base=changed(
+        "federation.strategy", "krum")), "federation.min_clients: krum with num_malicious_nodes=3 needs at least 9 "
+     "client updates a round, but a round may end with min_clients=8 (clients_per_round=10); raise min_clients and "
+     "clients_per_round to 9 or more, or lower num_malicious_nodes (got 8)"),
     ("reserved-arg", changed("task.args.client_id", 3),
      "task.args.client_id: is set by fedsup for each client; remove it from task.args (got 3)"),
     ("negative-seed", changed("seed", -1), "seed: must be at least 0 (got -1)"),
@@ -134,7 +145,7 @@ CATALOG: list[tuple[str, dict[str, Any], str]] = [
     ("estimate-in-args", changed("task.args.estimate_memory", "1GiB"),
      "task.args.estimate_memory: belongs in task.estimate_memory, not task.args (got '1GiB')"),
     ("strategy-file", changed("federation.strategy", "strategies.py:Mine"),
-     "federation.strategy: expected one of fedavg, fedmedian, trimmed_mean or 'module:Class'"),
+     f"federation.strategy: expected one of {STRATEGY_NAMES} or 'module:Class'"),
     ("strategy-not-class", changed("federation.strategy", "os.path:join"),
      "federation.strategy: posixpath.join is not a class (got 'os.path:join')"),
     ("strategy-not-strategy", changed("federation.strategy", "collections:OrderedDict"),

@@ -84,9 +84,19 @@ def differing_checkpoints(a: Path, b: Path) -> list[str]:
             continue
         x = torch.load(a / "checkpoints" / name, weights_only=True)
         y = torch.load(b / "checkpoints" / name, weights_only=True)
-        if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
+        if not _identical(x, y):
             differ.append(name)
     return differ
+
+
+def _identical(x: Any, y: Any) -> bool:
+    """Bit for bit: tensors by ``torch.equal`` (dtype too), dicts key by key (a strategy's state nests them)."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if isinstance(x, dict) or isinstance(y, dict):
+        return isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys() and all(
+            _identical(x[k], y[k]) for k in x)
+    return bool(x == y)
 
 
 def fault_figures(run_dir: Path) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from fedsup.federated.problems import (
     read_file,
     show,
 )
+from fedsup.federated.registry import BUILTIN, make_strategy, min_clients, options_of
 from fedsup.federated.strategies import Strategy
 
 __all__ = [
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 #: The built-in aggregation strategies and the ``strategy_args`` each accepts.
-STRATEGIES: dict[str, tuple[str, ...]] = {"fedavg": (), "fedmedian": (), "trimmed_mean": ("beta",)}
+STRATEGIES: dict[str, tuple[str, ...]] = {name: options_of(name) for name in BUILTIN}
 
 # What fedsup sets on each client itself, so a value in ``task.args`` would clash or be overwritten.
 _RESERVED_ARGS = {
@@ -179,7 +180,7 @@ class FederationConfig(_Section):
     rounds: int = Field(ge=1)
     clients_per_round: int | None = Field(default=None, ge=1, description="default: all clients")
     min_clients: int | None = Field(default=None, ge=1, description="default: clients_per_round")
-    strategy: str = Field(default="fedavg", description="fedavg | fedmedian | trimmed_mean | 'module:Class'")
+    strategy: str = Field(default="fedavg", description=f"{' | '.join(BUILTIN)} | 'module:Class'")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
     evaluate: bool = True
 
@@ -189,7 +190,7 @@ class FederationConfig(_Section):
         if value in STRATEGIES:
             return value
         module, _, name = value.rpartition(":")
-        # A module name, not a file: strategies are imported by name (fedsup.federated.strategies.make_strategy).
+        # A module name, not a file: strategies are imported by name (fedsup.federated.registry.make_strategy).
         if is_file_spec(module) or not (_CLASS_SPEC.match(module) and _CLASS_SPEC.match(name)):
             hint = did_you_mean(value, list(STRATEGIES))
             raise PydanticCustomError("strategy", f"expected one of {', '.join(STRATEGIES)} or 'module:Class'{hint}")
@@ -227,21 +228,57 @@ class FederationConfig(_Section):
         raise_problems(_strategy_arg_problems(info.data.get("strategy"), args))
         return args
 
+    @model_validator(mode="after")
+    def _rounds_large_enough(self) -> FederationConfig:
+        raise_problems(_round_size_problems(self))
+        return self
+
 
 def _strategy_arg_problems(strategy: str | None, args: dict[str, Any]) -> list[Problem]:
     if strategy is None or strategy not in STRATEGIES:
         return []  # a custom strategy takes whatever its class takes
     known = STRATEGIES[strategy]
-    why = f"{strategy} takes no argument of that name" if known else f"{strategy} takes no arguments"
+    valid = f"; its options are {', '.join(known)}" if known else ""
+    why = f"{strategy} has no option of that name" if known else f"{strategy} takes no options"
     problems: list[Problem] = [
-        ((key,), why + did_you_mean(key, known), value) for key, value in args.items() if key not in known
+        ((key,), why + valid + did_you_mean(key, known), value) for key, value in args.items() if key not in known
     ]
     beta = args.get("beta")
     if "beta" in known and "beta" in args and (
         isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5
     ):
         problems.append((("beta",), "expected the fraction trimmed at each end, from 0 to below 0.5", beta))
+    if not problems:
+        problems = _option_value_problems(strategy, args)
     return problems
+
+
+def _option_value_problems(strategy: str, args: dict[str, Any]) -> list[Problem]:
+    """The strategy's own check of its option values: its ConfigError names the option first."""
+    try:
+        make_strategy(strategy, args)
+    except ConfigError as exc:
+        option, _, what = str(exc).partition(": ")
+        if option in args:
+            return [((option,), what.rpartition(", got ")[0] or what, args[option])]
+        return [((), str(exc), args)]
+    return []
+
+
+def _round_size_problems(fed: FederationConfig) -> list[Problem]:
+    """A robust rule needs enough updates for its num_malicious_nodes; a round may aggregate as few as
+    min_clients, so that is what has to be large enough."""
+    if fed.strategy not in STRATEGIES or _strategy_arg_problems(fed.strategy, fed.strategy_args):
+        return []
+    need = min_clients(fed.strategy, fed.strategy_args)
+    smallest = fed.min_clients or 0
+    if smallest >= need:
+        return []
+    f = fed.strategy_args.get("num_malicious_nodes", 0)
+    return [(("min_clients",), f"{fed.strategy} with num_malicious_nodes={f} needs at least {need} client updates "
+             f"a round, but a round may end with min_clients={smallest} (clients_per_round={fed.clients_per_round}); "
+             f"raise min_clients and clients_per_round to {need} or more, or lower num_malicious_nodes", smallest)]
+
 
 
 _DEVICE_NAME = re.compile(r"^cuda:\d+$")

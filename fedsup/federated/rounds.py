@@ -12,6 +12,7 @@ model whether the run was interrupted or not.
 ```
 RUN_DIR/config.yaml  events.jsonl  rounds.jsonl  summary.json
         checkpoints/initial.pt  round-N.pt  final.pt      updates/round-N/client-I.pt (until round N is done)
+                    round-N.strategy.pt (a strategy's state: server momentum, moments)
         tasks/<task>/record.json   tasks/client-I/{stdout,stderr}.log
 ```
 """
@@ -109,6 +110,31 @@ def save_state(state: State, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
     write_atomic(path, buffer.getvalue())
+
+
+def save_strategy_state(strategy: Strategy, path: Path) -> None:
+    """The strategy's state (server momentum, moments) beside the round's checkpoint; nothing if it keeps none."""
+    import io
+
+    state = strategy.state_dict()
+    if state:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(path, buffer.getvalue())
+
+
+def load_strategy_state(strategy: Strategy, path: Path) -> None:
+    """Restore what ``save_strategy_state`` wrote for the last complete round, so the next step is the one an
+    uninterrupted run would take. A strategy that keeps state needs the file."""
+    if not path.exists():
+        if strategy.state_dict():
+            raise RunDirError(f"{path}: missing; the run's strategy ({strategy!r}) keeps state across rounds, "
+                              "and it cannot be resumed without it")
+        return
+    try:
+        strategy.load_state_dict(torch.load(path, weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise RunDirError(f"{path}: cannot be read as the strategy's state ({exc})") from exc
 
 
 def load_state(path: Path) -> State:
@@ -281,6 +307,7 @@ class Federation:
 
     def _starting_state(self, session: Session, done: int) -> State | None:
         if done:
+            load_strategy_state(self.spec.strategy, self.path / "checkpoints" / f"round-{done}.strategy.pt")
             return load_state(self.path / "checkpoints" / f"round-{done}.pt")
         initial = self.path / "checkpoints" / "initial.pt"
         if initial.exists():
@@ -315,6 +342,7 @@ class Federation:
         reference = state if state is not None else updates[0].state
         new_state = self.spec.strategy.aggregate(reference, updates)
         save_state(new_state, self.path / "checkpoints" / f"round-{round_}.pt")
+        save_strategy_state(self.spec.strategy, self.path / "checkpoints" / f"round-{round_}.strategy.pt")
         if self.spec.evaluate and type(self.clients[0]).evaluate is not Task.evaluate:
             new_broadcast = self._broadcast(shm, round_, new_state, name="global-eval")
             result.eval_metrics = self._evaluate(session, round_, chosen, new_broadcast)

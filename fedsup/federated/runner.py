@@ -15,8 +15,8 @@ import yaml
 from fedsup.engine.devices import Inventory
 from fedsup.engine.units import format_bytes, parse_bytes
 from fedsup.federated.config import RunConfig, load_config, resolve_class, supervisor_kwargs, to_yaml
+from fedsup.federated.registry import make_strategy
 from fedsup.federated.rounds import Federation, FederationSpec
-from fedsup.federated.strategies import make_strategy
 
 ConfigSource = str | os.PathLike[str] | dict[str, Any] | RunConfig
 

@@ -24,13 +24,10 @@ Inputs are never modified, so updates may hold read-only tensors mapped from dis
 from __future__ import annotations
 
 import abc
-import importlib
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +35,9 @@ import torch
 from fedsup.engine.errors import ConfigError
 
 State = dict[str, torch.Tensor]
+
+# What state_dict returns and load_state_dict takes: plain values and float64 tensors, torch.save-able.
+StrategyState = dict[str, Any]
 
 # Combines one key's float64 tensors, stacked in client_id order, with the matching num_examples.
 Reducer = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -62,6 +62,16 @@ class Strategy(abc.ABC):
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         """Return a new state with the keys, shapes and dtypes of ``global_state``."""
 
+    def state_dict(self) -> StrategyState:
+        """Everything ``aggregate`` carries from one round to the next (server momentum, moments); ``{}`` for a
+        rule that keeps none. Saved with each round's checkpoint, so a resumed run continues bit for bit."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; a rule that keeps no state accepts only ``{}``."""
+        if state:
+            raise ValueError(f"{self.name}: keeps no state, got a state with keys {sorted(state)}")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -72,7 +82,7 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
-        return combine(global_state, updates, _weighted_mean)
+        return streaming_weighted_mean(global_state, updates)
 
 
 class FedMedian(Strategy):
@@ -111,7 +121,7 @@ def combine(global_state: State, updates: Sequence[ClientUpdate], reducer: Reduc
     ``reducer`` receives one key's values as a float64 tensor stacked along dim 0 in ``client_id`` order,
     and the clients' ``num_examples`` in the same order; it returns a float64 tensor of one client's shape.
     """
-    ordered = _checked(global_state, updates)
+    ordered = checked(global_state, updates)
     weights = [update.num_examples for update in ordered]
     result: State = {}
     for key, reference in global_state.items():
@@ -122,15 +132,6 @@ def combine(global_state: State, updates: Sequence[ClientUpdate], reducer: Reduc
             combined = torch.stack([value.to(reference.dtype) for value in values]).amax(dim=0)
         result[key] = combined.to(reference.dtype).contiguous()
     return result
-
-
-def _weighted_mean(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
-    # A plain loop of multiply then add, each rounded once, in client_id order: no fused multiply-add
-    # and no reduction whose summation order could change between calls or builds.
-    total = values[0] * weights[0]
-    for value, weight in zip(values[1:], weights[1:], strict=True):
-        total = total + value * weight
-    return total / sum(weights)
 
 
 def _median(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
@@ -147,13 +148,13 @@ def _trimmed_mean(values: torch.Tensor, trim: int) -> torch.Tensor:
     return kept.mean(dim=0)
 
 
-def _checked(global_state: State, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+def checked(global_state: State, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
     """Return ``updates`` sorted by client_id; raise ValueError on anything that cannot be combined."""
     if not updates:
         raise ValueError("updates: need at least one client update, got none")
     for key, tensor in global_state.items():
         if not isinstance(tensor, torch.Tensor) or tensor.is_complex():
-            raise ValueError(f"global state: {key!r} must be a real-valued tensor, got {_describe(tensor)}")
+            raise ValueError(f"global state: {key!r} must be a real-valued tensor, got {describe(tensor)}")
     seen: set[int] = set()
     for update in updates:
         if update.client_id in seen:
@@ -176,7 +177,7 @@ def _check_update(global_state: State, update: ClientUpdate) -> None:
             raise ValueError(f"client {client}: state is missing key {key!r}")
         tensor = update.state[key]
         if not isinstance(tensor, torch.Tensor) or tensor.is_complex():
-            raise ValueError(f"client {client}: {key!r} must be a real-valued tensor, got {_describe(tensor)}")
+            raise ValueError(f"client {client}: {key!r} must be a real-valued tensor, got {describe(tensor)}")
         if tensor.shape != reference.shape:
             raise ValueError(
                 f"client {client}: {key!r} has shape {tuple(tensor.shape)}, "
@@ -184,42 +185,85 @@ def _check_update(global_state: State, update: ClientUpdate) -> None:
             )
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor"
     return f"{type(value).__name__} {value!r}"
 
 
-_BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedMedian, TrimmedMean)}
+# -- options and the streaming pass, shared with fedsup.federated.optimizers and .robust
 
 
-def make_strategy(spec: str, options: dict[str, Any] | None = None) -> Strategy:
-    """Build the strategy ``spec`` names, a built-in name or ``"module:Class"``, with ``options`` as keywords."""
-    options = dict(options or {})
-    cls = _strategy_class(spec)
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as exc:
-        raise ConfigError(f"strategy {spec!r}: options {options!r} do not fit {cls.__name__}: {exc}") from None
-    return cls(**options)
+def real_option(option: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{option}: must be a finite number, got {value!r}")
+    return float(value)
 
 
-def _strategy_class(spec: str) -> type[Strategy]:
-    if not isinstance(spec, str):
-        raise ConfigError(f"strategy: expected a name or 'module:Class', got {spec!r}")
-    if spec in _BUILTIN:
-        return _BUILTIN[spec]
-    if ":" not in spec:
-        known = ", ".join(sorted(_BUILTIN))
-        raise ConfigError(f"strategy: unknown name {spec!r}; known names are {known}, or give 'module:Class'")
-    module_name, _, attribute = spec.partition(":")
-    try:
-        found = reduce(getattr, attribute.split("."), importlib.import_module(module_name))
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"strategy: cannot load {spec!r}: {exc}") from exc
-    if not (isinstance(found, type) and issubclass(found, Strategy)):
-        raise ConfigError(f"strategy: {spec!r} is {found!r}, not a subclass of fedsup.Strategy")
-    return found
+def positive_option(option: str, value: object) -> float:
+    number = real_option(option, value)
+    if number <= 0:
+        raise ConfigError(f"{option}: must be a number > 0, got {value!r}")
+    return number
+
+
+def unit_interval_option(option: str, value: object) -> float:
+    # [0, 1): at 1 a moment never forgets, and FedAdam's bias correction would divide by zero.
+    number = real_option(option, value)
+    if not 0 <= number < 1:
+        raise ConfigError(f"{option}: must be a number in [0, 1), got {value!r}")
+    return number
+
+
+def count_option(option: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{option}: must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def mean64(key: str, reference: torch.Tensor, ordered: Sequence[ClientUpdate]) -> torch.Tensor:
+    """One key's ``num_examples``-weighted mean in float64, reading one client at a time.
+
+    The same operations in the same order as ``_weighted_mean`` did before it: multiply, then add,
+    each rounded once, in client_id order, then one division; so the result is bit-identical to FedAvg's.
+    """
+    total: torch.Tensor | None = None
+    for update in ordered:
+        term = update.state[key].to(reference.device).to(torch.float64) * update.num_examples
+        total = term if total is None else total + term
+    assert total is not None  # _checked rejects an empty round
+    return total / sum(update.num_examples for update in ordered)
+
+
+def max_of(key: str, reference: torch.Tensor, ordered: Sequence[ClientUpdate]) -> torch.Tensor:
+    """One integer or bool key's element-wise max (OR for bool), as the built-in strategies do."""
+    result: torch.Tensor | None = None
+    for update in ordered:
+        value = update.state[key].to(reference.device).to(reference.dtype)
+        # The first value is copied: a result must never share memory with an update (or the global state).
+        result = value.clone() if result is None else torch.maximum(result, value)
+    assert result is not None
+    return result.contiguous()
+
+
+def cast_like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return value.to(reference.dtype).contiguous()
+
+
+def streaming_weighted_mean(global_state: State, updates: Sequence[ClientUpdate]) -> State:
+    """``FedAvg().aggregate(global_state, updates)``, bit for bit, without stacking the updates.
+
+    Peak extra memory is one float64 accumulator (plus one converted client tensor) for the key at hand,
+    instead of all n clients' tensors in float64.
+    """
+    ordered = checked(global_state, updates)
+    result: State = {}
+    for key, reference in global_state.items():
+        if reference.is_floating_point():
+            result[key] = cast_like(mean64(key, reference, ordered), reference)
+        else:
+            result[key] = max_of(key, reference, ordered)
+    return result
 
 
 def weighted_metrics(updates: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, float]:

@@ -30,7 +30,7 @@ from fedsup.federated.config import (
     supervisor_kwargs,
     to_yaml,
 )
-from fedsup.federated.strategies import make_strategy
+from fedsup.federated.registry import make_strategy
 
 
 @pytest.fixture(autouse=True)

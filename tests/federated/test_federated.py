@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import fedsup
+from fedsup.federated.chaos import differing_checkpoints
 from fedsup.ui.cli import main as cli_main
 
 TESTS = Path(__file__).resolve().parent.parent  # where the toy task modules are
@@ -120,10 +121,11 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path: Pat
     assert "seed changed" in capsys.readouterr().err
 
 
-def synthetic_config(tmp_path: Path, output: Path, fifo: str) -> Path:
+def synthetic_config(tmp_path: Path, output: Path, fifo: str, strategy: str = "fedavg") -> Path:
     data = config(tmp_path, task={"class": "fed_toys:SignallingClient",
                                   "args": {"samples": 300, "fifo": fifo, "signal_round": 2, "signal_client": -1}},
-                  federation={"clients": 8, "rounds": 3, "clients_per_round": 4, "min_clients": 4},
+                  federation={"clients": 8, "rounds": 3, "clients_per_round": 4, "min_clients": 4,
+                              "strategy": strategy},
                   output=str(output))
     path = tmp_path / f"{output.name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -139,13 +141,14 @@ def child_env() -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_of_the_main_process_then_resume_gives_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])  # fedadam: its moments must resume exactly too
+def test_sigkill_of_the_main_process_then_resume_gives_the_same_model(tmp_path: Path, strategy: str) -> None:
     fifo = str(tmp_path / "moment")
     os.mkfifo(fifo)
-    plain = synthetic_config(tmp_path, tmp_path / "plain", fifo="/nonexistent")
+    plain = synthetic_config(tmp_path, tmp_path / "plain", fifo="/nonexistent", strategy=strategy)
     subprocess.run(fedsup_cmd("run", str(plain)), check=True, env=child_env(), capture_output=True, timeout=240)
 
-    killed_cfg = synthetic_config(tmp_path, tmp_path / "killed", fifo=fifo)
+    killed_cfg = synthetic_config(tmp_path, tmp_path / "killed", fifo=fifo, strategy=strategy)
     data = yaml.safe_load(killed_cfg.read_text())
     data["task"]["args"]["signal_client"] = sorted(_round_two_clients(tmp_path / "plain"))[-1]
     killed_cfg.write_text(yaml.safe_dump(data))
@@ -163,10 +166,10 @@ def test_sigkill_of_the_main_process_then_resume_gives_the_same_model(tmp_path: 
     resumed = subprocess.run(fedsup_cmd("run", str(killed_cfg), "--resume"), env=child_env(),
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
-    for name in ("final.pt", "round-1.pt", "round-2.pt", "round-3.pt"):
-        a = torch.load(tmp_path / "plain" / "checkpoints" / name, weights_only=True)
-        b = torch.load(tmp_path / "killed" / "checkpoints" / name, weights_only=True)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    saved = sorted(p.name for p in (tmp_path / "plain" / "checkpoints").glob("*.pt"))
+    stateful = [f"round-{r}.strategy.pt" for r in (1, 2, 3)] if strategy == "fedadam" else []
+    assert saved == sorted(["initial.pt", "final.pt", "round-1.pt", "round-2.pt", "round-3.pt", *stateful]), saved
+    assert differing_checkpoints(tmp_path / "plain", tmp_path / "killed") == []
     events = [json.loads(line) for line in (tmp_path / "killed" / "events.jsonl").read_text().splitlines()
               if line.strip().startswith("{") and line.strip().endswith("}")]
     finished = Counter(e["task"] for e in events if e.get("status") == "FINISHED")

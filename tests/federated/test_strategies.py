@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsup.engine.errors import ConfigError
+from fedsup.federated.registry import make_strategy
 from fedsup.federated.strategies import (
     ClientUpdate,
     FedAvg,
@@ -22,7 +23,6 @@ from fedsup.federated.strategies import (
     State,
     Strategy,
     TrimmedMean,
-    make_strategy,
     weighted_metrics,
 )
 
@@ -345,7 +345,8 @@ def test_make_strategy_loads_a_module_class_with_options() -> None:
 
 
 def test_make_strategy_names_an_unknown_name_and_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown name 'fedprox'; known names are fedavg, fedmedian, trimmed_mean"):
+    known = "bulyan, fedadagrad, fedadam, fedavg, fedavgm, fedmedian, fedyogi, krum, multikrum, trimmed_mean"
+    with pytest.raises(ConfigError, match=rf"unknown name 'fedprox'; known names are {known}"):
         make_strategy("fedprox")
 
 
