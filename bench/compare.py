@@ -72,9 +72,7 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,9 +82,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-MARK = "BENCH_JSON "
+import common
+from common import HERE, ROOT, fmt
+
 FLOWER_PY = HERE / ".flower-venv" / "bin" / "python"
 FLOWER_PEER = HERE / "flower_peer.py"
 
@@ -120,17 +118,12 @@ REFERENCE = ("Reference (measured elsewhere on a 2-core machine, not run here): 
 
 
 def child(workload: str, variant: str, n: int, rounds: int, per_round: int, plan_json: str | None) -> int:
-    t0 = time.perf_counter()
-    import numpy  # noqa: F401 - imported before the timer, as any user script would
+    # fedsup.federated.runner: what fedsup.run imports on first use, a user's import, not the run's.
+    fedsup_modules = ("fedsup", "fedsup.federated.runner") if variant.startswith("fedsup") else ()
+    imports = common.import_first("numpy", "torch", "fl_clients", *fedsup_modules)
+    import fl_clients
     import torch
 
-    sys.path.insert(0, str(HERE))
-    import fl_clients
-
-    if variant.startswith("fedsup"):
-        import fedsup
-        import fedsup.federated.runner  # noqa: F401 - what fedsup.run imports on first use: a user's import, not the run's
-    imports = time.perf_counter() - t0
     if plan_json:
         plan = {int(r): ids for r, ids in json.loads(plan_json).items()}
     else:
@@ -141,8 +134,7 @@ def child(workload: str, variant: str, n: int, rounds: int, per_round: int, plan
                 "pid": os.getpid()})
     if "final" in out:
         out["fingerprint"] = fl_clients.fingerprint(out.pop("final"))
-    sys.stdout.flush()
-    print(MARK + json.dumps(out), flush=True)
+    common.emit(out)
     return 0
 
 
@@ -157,6 +149,12 @@ def make_plan(workload: str, n: int, rounds: int, per_round: int) -> dict[int, l
 
 def _first(starts: list[float], t0_epoch: float) -> float | None:
     return min(starts) - t0_epoch if starts else None
+
+
+def _noop_result(wall: float, results: list[dict[str, Any]], t0_epoch: float) -> dict[str, Any]:
+    """W0's figures: the wall time and when the first no-op task ran."""
+    return {"wall": wall, "first_train": _first([r["train_started"] for r in results], t0_epoch),
+            "clients_trained": len(results)}
 
 
 def _fedsup_fresh(workload: str, n: int, rounds: int, per_round: int,
@@ -175,16 +173,9 @@ def _fedsup(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, 
 
     options: dict[str, Any] = {} if tasks_per_process is None else {"tasks_per_process": tasks_per_process}
     if workload == "W0":
-        tasks = [fl_clients.NoopTask(f"noop-{i}") for i in range(n)]
-        t0_epoch, t0 = time.time(), time.perf_counter()
-        records = fedsup.Supervisor(devices="cpu", **options).run(tasks)
-        wall = time.perf_counter() - t0
-        bad = [f"{r.task_id}: {r.status.value} {r.error.summary() if r.error else ''}" for r in records
-               if r.status.value != "FINISHED"]
-        if bad:
-            raise RuntimeError(f"{len(bad)} of {n} tasks did not finish: " + "; ".join(bad[:5]))
-        return {"wall": wall, "first_train": _first([r.result["train_started"] for r in records], t0_epoch),
-                "clients_trained": n}
+        records, wall, t0_epoch = common.run_supervised([fl_clients.NoopTask(f"noop-{i}") for i in range(n)],
+                                                        **options)
+        return _noop_result(wall, [r.result for r in records], t0_epoch)
 
     tmp = Path(tempfile.mkdtemp(prefix="fedsup-bench-"))
     try:
@@ -231,58 +222,61 @@ def _mean_loss(results: list[dict[str, Any]]) -> float:
     return sum(r["loss"] * r["num_examples"] for r in results) / total
 
 
+Trained = tuple[Any, list[float], list[float], list[dict[str, Any]]]  # final state, train starts, ends, last results
+TrainRound = Callable[[int, list[int], Any], list[dict[str, Any]]]  # (round, client ids, global state): results
+
+
+def _federate(plan: dict[int, list[int]], train_round: TrainRound) -> Trained:
+    """A baseline's rounds as fedsup runs them: each round's clients from the global model, FedAvg here."""
+    import fl_clients
+
+    state = fl_clients.initial_state()
+    starts: list[float] = []
+    ends: list[float] = []
+    results: list[dict[str, Any]] = []
+    for round_, ids in sorted(plan.items()):
+        results = train_round(round_, ids, state)
+        starts += [r["train_started"] for r in results]
+        ends += [r["train_ended"] for r in results]
+        state = _aggregate(state, results, ids)
+    return state, starts, ends, results
+
+
+def _federated_result(wall: float, trained: Trained, t0_epoch: float) -> dict[str, Any]:
+    """The figures of ``_federate``, taken after the wall clock stopped (so their cost is not timed)."""
+    state, starts, ends, results = trained
+    return {"wall": wall, "first_train": _first(starts, t0_epoch), "first_done": _first(ends, t0_epoch),
+            "final": state, "clients_trained": len(starts), "loss": _mean_loss(results)}
+
+
 def _inprocess(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, list[int]]) -> dict[str, Any]:
     import fl_clients
     import torch
 
-    torch.set_num_threads(1)  # as the pool's workers and fedsup's cpus=1 tasks (see the module docstring)
+    common.pin_one_thread()  # as the pool's workers and fedsup's cpus=1 tasks (see the module docstring)
     t0_epoch, t0 = time.time(), time.perf_counter()
     if workload == "W0":
         results = [fl_clients.noop_job(i) for i in range(n)]
         wall = time.perf_counter() - t0
-        return {"wall": wall, "first_train": _first([r["train_started"] for r in results], t0_epoch),
-                "clients_trained": n, "threads": torch.get_num_threads()}
-    state = fl_clients.initial_state()
-    starts, ends = [], []
-    for round_, ids in sorted(plan.items()):
-        results = [fl_clients.client_job(cid, round_, state) for cid in ids]
-        starts += [r["train_started"] for r in results]
-        ends += [r["train_ended"] for r in results]
-        state = _aggregate(state, results, ids)
+        return {**_noop_result(wall, results, t0_epoch), "threads": torch.get_num_threads()}
+    trained = _federate(plan, lambda round_, ids, state: [fl_clients.client_job(cid, round_, state) for cid in ids])
     wall = time.perf_counter() - t0
-    return {"wall": wall, "first_train": _first(starts, t0_epoch), "first_done": _first(ends, t0_epoch),
-            "final": state, "clients_trained": len(starts), "loss": _mean_loss(results),
-            "threads": torch.get_num_threads()}
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+    return {**_federated_result(wall, trained, t0_epoch), "threads": torch.get_num_threads()}
 
 
 def _pool2(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, list[int]]) -> dict[str, Any]:
-    import multiprocessing as mp
-
     import fl_clients
 
     t0_epoch, t0 = time.time(), time.perf_counter()
-    with mp.get_context("fork").Pool(POOL_WORKERS, initializer=_one_thread) as pool:
+    with common.fork_pool(POOL_WORKERS) as pool:
         if workload == "W0":
             results = pool.map(fl_clients.noop_job, range(n))
             wall = time.perf_counter() - t0
-            return {"wall": wall, "first_train": _first([r["train_started"] for r in results], t0_epoch),
-                    "clients_trained": n}
-        state = fl_clients.initial_state()
-        starts, ends = [], []
-        for round_, ids in sorted(plan.items()):
-            results = pool.starmap(fl_clients.client_job, [(cid, round_, state) for cid in ids])
-            starts += [r["train_started"] for r in results]
-            ends += [r["train_ended"] for r in results]
-            state = _aggregate(state, results, ids)
+            return _noop_result(wall, results, t0_epoch)
+        trained = _federate(plan, lambda round_, ids, state: pool.starmap(
+            fl_clients.client_job, [(cid, round_, state) for cid in ids]))
     wall = time.perf_counter() - t0
-    return {"wall": wall, "first_train": _first(starts, t0_epoch), "first_done": _first(ends, t0_epoch),
-            "final": state, "clients_trained": len(starts), "loss": _mean_loss(results)}
+    return _federated_result(wall, trained, t0_epoch)
 
 
 # ====================================================================== the parent: measuring a run
@@ -461,25 +455,21 @@ def wait_for_quiet(limit: float, threshold: float = QUIET) -> float:
     the cores it used in the last window. Other people's work on a shared machine skews every figure."""
     deadline = time.monotonic() + limit
     while True:
-        busy0, self0 = _busy_cpu(), _cpu(resource.getrusage(resource.RUSAGE_SELF))
+        busy0, self0 = _busy_cpu(), common.cpu_of(common.rusage(), "self")
         time.sleep(2.0)
-        used = (_busy_cpu() - busy0 - (_cpu(resource.getrusage(resource.RUSAGE_SELF)) - self0)) / 2.0
+        used = (_busy_cpu() - busy0 - (common.cpu_of(common.rusage(), "self") - self0)) / 2.0
         if used < threshold or time.monotonic() > deadline:
             return used
         time.sleep(3.0)
 
 
-def _cpu(ru: resource.struct_rusage) -> float:
-    return ru.ru_utime + ru.ru_stime
-
-
-def _kill_tree(pid: int | None) -> None:
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    """``proc`` and every other descendant of this process (as a subreaper, orphans of earlier runs too)."""
     import psutil
 
     procs = []
     try:
-        if pid is not None:
-            procs.append(psutil.Process(pid))
+        procs.append(psutil.Process(proc.pid))
     except psutil.Error:
         pass
     procs += psutil.Process().children(recursive=True)
@@ -520,23 +510,15 @@ def reap_orphans(grace: float) -> list[str]:
 
 def measure(cmd: list[str], timeout: float, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``cmd``; return its BENCH_JSON merged with what this process measured around it."""
-    ru0, self0, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF), \
-        _busy_cpu()
+    ru0, busy0 = common.rusage(), _busy_cpu()
     load = os.getloadavg()[0]
     sampler = TreeSampler(duty=args.pss_duty, pss_interval=args.pss_interval)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     sampler.start()
-    error = None
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
-        stdout, stderr = proc.communicate()
-        error = f"timed out after {timeout:g} s"
+        stdout, stderr, error = common.communicate(proc, timeout, _kill_tree)
     except BaseException:
-        _kill_tree(proc.pid)
-        proc.communicate()
         sampler.stop()
         reap_orphans(5)
         raise
@@ -544,14 +526,11 @@ def measure(cmd: list[str], timeout: float, args: argparse.Namespace) -> dict[st
     killed = reap_orphans(args.orphan_grace)
     tree_wall = time.perf_counter() - t0
     sampler.stop()
-    ru1, self1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF), \
-        _busy_cpu()
-    lines = [line for line in stdout.splitlines() if line.startswith(MARK)]
-    if error is None and (proc.returncode != 0 or not lines):
-        tail = "\n".join((stdout + stderr).strip().splitlines()[-20:])
-        error = f"exit code {proc.returncode}\n{tail}"
-    out: dict[str, Any] = json.loads(lines[-1][len(MARK):]) if lines and error is None else {}
-    rusage_cpu = _cpu(ru1) - _cpu(ru0)
+    ru1, busy1 = common.rusage(), _busy_cpu()
+    out: dict[str, Any] = {}
+    if error is None:
+        out, error = common.read_result(stdout, stderr, proc.returncode, tail=20)
+    rusage_cpu = common.cpu_of(ru1, "kids") - common.cpu_of(ru0, "kids")
     seen_cpu = sum(sampler.cpu_seen.values()) / os.sysconf("SC_CLK_TCK")
     # getrusage counts only descendants that an ancestor waited for. Ray's raylet ignores SIGCHLD, so the
     # kernel reaps its workers by itself and their CPU never reaches us; the sampler's per-process totals
@@ -560,7 +539,7 @@ def measure(cmd: list[str], timeout: float, args: argparse.Namespace) -> dict[st
     out.update({
         "cpu": tree_cpu, "cpu_rusage": rusage_cpu, "cpu_seen": seen_cpu,
         "cpu_source": "rusage" if rusage_cpu >= seen_cpu else "proc",
-        "cpu_user": ru1.ru_utime - ru0.ru_utime, "cpu_sys": ru1.ru_stime - ru0.ru_stime,
+        "cpu_user": ru1["kids_user"] - ru0["kids_user"], "cpu_sys": ru1["kids_sys"] - ru0["kids_sys"],
         "peak_pss": sampler.peak_pss, "peak_rss": sampler.peak_rss, "peak_procs": sampler.peak_procs,
         "peak_pss_at": sampler.peak_pss_at,
         "peak_pss_breakdown": [{"name": name, "pid": pid, "ppid": ppid, "pss_mib": round(pss / 2**20, 1)}
@@ -569,7 +548,7 @@ def measure(cmd: list[str], timeout: float, args: argparse.Namespace) -> dict[st
         "pss_snapshots": sampler.snapshots, "ticks": sampler.ticks, "sampler_cpu": sampler.cpu,
         "pss_snapshot_ms": 1000 * sampler.snapshot_cost / max(sampler.snapshots, 1),
         "process_wall": process_wall, "tree_wall": tree_wall, "orphans_killed": killed,
-        "other_cpu": max(0.0, (busy1 - busy0) - tree_cpu - (_cpu(self1) - _cpu(self0))),
+        "other_cpu": max(0.0, (busy1 - busy0) - tree_cpu - (common.cpu_of(ru1, "self") - common.cpu_of(ru0, "self"))),
         "loadavg_before": load, "stderr_tail": stderr.strip().splitlines()[-3:],
     })
     error = error or sampler.error
@@ -608,21 +587,15 @@ def command(workload: str, variant: str, size: tuple[int, int, int], plan: dict[
             "--rounds", str(rounds), "--per-round", str(per_round), "--plan", plan_json]
 
 
+MEDIANS = ("wall", "cpu", "cpu_rusage", "peak_pss", "peak_rss", "peak_procs", "first_train", "first_done",
+           "other_cpu", "sampler_cpu", "tree_wall")
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians of every measure over the runs that worked; every wall kept."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return dict(runs[-1])
-    ordered = sorted(ok, key=lambda r: r["wall"])
-    out = dict(ordered[(len(ordered) - 1) // 2])
-    for key in ("wall", "cpu", "cpu_rusage", "peak_pss", "peak_rss", "peak_procs", "first_train", "first_done",
-                "other_cpu", "sampler_cpu", "tree_wall"):
-        values = [r[key] for r in ok if r.get(key) is not None]
-        if values:
-            out[key] = statistics.median(values)
-    out["cpu_source"] = "proc" if out.get("cpu", 0) > out.get("cpu_rusage", 0) + 1e-9 else "rusage"
-    out["walls"] = [r["wall"] for r in ok]
-    out["errors"] = [r["error"] for r in runs if "error" in r]
+    out = common.median_run(runs, MEDIANS)
+    if any("error" not in r for r in runs):  # the medians of cpu and cpu_rusage may come from different runs
+        out["cpu_source"] = "proc" if out.get("cpu", 0) > out.get("cpu_rusage", 0) + 1e-9 else "rusage"
     return out
 
 
@@ -635,9 +608,8 @@ def machine_info() -> dict[str, Any]:
 
     free = run(["free", "-g"])
     total = next((line.split()[1] for line in free.splitlines() if line.startswith("Mem:")), "?")
-    rev = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    if run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "fedsup"]):
-        rev += " + uncommitted changes in fedsup/"
+    rev, dirty = common.git_revision()
+    rev += " + uncommitted changes in fedsup/" if dirty else ""
     flower = "not set up"
     versions = HERE / ".flower-venv" / "versions.txt"
     if versions.exists():
@@ -653,12 +625,6 @@ def _cpu_model() -> str:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
         return "?"
-
-
-def fmt(value: Any, spec: str) -> str:
-    """``value`` formatted, or a dash as wide as the spec says."""
-    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
-    return "-".rjust(width) if value is None else format(value, spec)
 
 
 def same_model(a: list[float] | None, b: list[float] | None) -> bool | None:
@@ -694,7 +660,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], sizes: dict[str, tuple[
                 notes.append(f"model = {ref_name}" if same_model(res["fingerprint"], reference)
                              else f"MODEL DIFFERS from {ref_name}")
             if len(res.get("walls", [])) > 1:
-                notes.append("walls " + "/".join(f"{x:.2f}" for x in res["walls"]))
+                notes.append("walls " + common.seconds(res["walls"], "/"))
             if res.get("errors"):
                 notes.append(f"{len(res['errors'])} run(s) failed")
             if res.get("cpu_source") == "proc":
@@ -703,7 +669,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], sizes: dict[str, tuple[
                 notes.append("killed leftovers: " + ", ".join(res["orphans_killed"][:4]))
             if others_load(res) > BUSY:
                 notes.append(f"busy machine: others used {res['other_cpu']:.1f} CPU-s")
-            ratio = f"{res['wall'] / base:.2f}" if base else "-"
+            ratio = common.ratio(res["wall"], base)
             lines.append(
                 f"{label:<25} {v:<12} {res['wall']:>7.2f} {ratio:>6} {res['cpu']:>7.1f} "
                 f"{res['peak_pss'] / 2**20:>8.0f} {res['peak_rss'] / 2**20:>8.0f} {res['peak_procs']:>5} "
@@ -723,7 +689,7 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, st
               met: Callable[[float, float], bool]) -> tuple[str, str, str]:
         if ours is None or theirs is None:
             return name, "not measured", "n/a"
-        return name, figures(ours, theirs), "PASS" if met(ours, theirs) else "FAIL"
+        return name, figures(ours, theirs), common.verdict(met(ours, theirs))
 
     out = [judge(f"W1: fedsup within {W1_POOL_RATIO}x of pool2",
                  get("W1", "fedsup", "wall"), get("W1", "pool2", "wall"),
@@ -771,16 +737,14 @@ def fresh_lines(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of W0,W1,W2,W3")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated, of {','.join(VARIANTS)} (default: all; with --quick: "
                              f"{','.join(QUICK_VARIANTS)})")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians reported")
     parser.add_argument("--quick", action="store_true", help="W0 40 tasks, W1 20, W2 20 (3 x 10), W3 100 clients")
-    parser.add_argument("--json", metavar="PATH", help="write every result here")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
+    common.add_output_options(parser, "write every result here", 1800, "seconds one run may take")
     parser.add_argument("--pss-duty", type=float, default=0.05,
                         help="share of one core the PSS snapshots may cost (default 0.05)")
     parser.add_argument("--pss-interval", type=float, default=None,
@@ -813,8 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown {v!r}; expected some of {', '.join(VARIANTS)}")
-    if args.repeat < 1:
-        parser.error("--repeat: expected 1 or more")
+    common.require_positive(parser, args, ("repeat",))
 
     started = time.perf_counter()
     sizes = sizes_for(args)
@@ -893,20 +856,18 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
     print()
     print(REFERENCE)
-    end_load = os.getloadavg()[0]
-    print(f"\nbench took {time.perf_counter() - started:.0f} s; load average {end_load:.2f} at the end")
+    print(common.end_line(started))
     errors = {f"{w} {v}": e for w in results for v, r in results[w].items() for e in
               ([r["error"]] if "error" in r else []) + r.get("errors", [])}
-    for name, error in errors.items():
-        print(f"\nERROR in {name}:\n{error}", file=sys.stderr)
+    status = common.print_errors(errors)
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        common.write_json(args.json, {
             "machine": info, "sizes": {w: sizes[w] for w in workloads}, "repeat": args.repeat,
             "quick": args.quick, "pss_duty": args.pss_duty, "pss_interval": args.pss_interval,
             "results": results, "runs": runs, "discarded": discarded,
             "targets": [{"target": n, "figures": f, "verdict": v} for n, f, v in checks],
-        }, indent=1, default=str))
-    return 1 if errors else 0
+        })
+    return status
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ The script reports; it does not judge: it exits 0 when a target is missed and 1 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -42,8 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-MARK = "BENCH_JSON "
+import common
+from common import HERE, fmt
 
 NOOP_TARGET_MS = 20.0      # fedsup's overhead per no-op task
 MLP_TARGET_RATIO = 1.15    # fedsup wall time / pool wall time, MLP clients
@@ -60,21 +59,6 @@ def cores() -> int:
 
 
 # ====================================================================== inside a variant's subprocess
-
-
-def _rusage() -> dict[str, float]:
-    import resource
-
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"self_user": me.ru_utime, "self_sys": me.ru_stime, "self_minflt": me.ru_minflt,
-            "kids_user": kids.ru_utime, "kids_sys": kids.ru_stime, "kids_minflt": kids.ru_minflt}
-
-
-def _pin_one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _record_stats(records: list[Any], wall: float, t0_epoch: float, n: int) -> dict[str, Any]:
@@ -103,17 +87,9 @@ def _fedsup_variant(kind: str, fresh: bool = False) -> Callable[[int], dict[str,
     def run(n: int) -> dict[str, Any]:
         import workloads
 
-        import fedsup
-
         tasks = ([workloads.NoopTask(f"noop-{i}") for i in range(n)] if kind == "noop"
                  else [workloads.MLPTask(i) for i in range(n)])
-        t0_epoch, t0 = time.time(), time.perf_counter()
-        records = fedsup.Supervisor(devices="cpu", **options).run(tasks)
-        wall = time.perf_counter() - t0
-        bad = [f"{r.task_id}: {r.status.value} {r.error.summary() if r.error else ''}" for r in records
-               if r.status.value != "FINISHED"]
-        if bad:
-            raise RuntimeError(f"{len(bad)} of {n} tasks did not finish: " + "; ".join(bad[:5]))
+        records, wall, t0_epoch = common.run_supervised(tasks, **options)
         out: dict[str, Any] = {"wall": wall}
         try:
             out.update(_record_stats(records, wall, t0_epoch, n))
@@ -129,12 +105,10 @@ def _fedsup_variant(kind: str, fresh: bool = False) -> Callable[[int], dict[str,
 
 def _pool_mlp(pin: bool) -> Callable[[int], dict[str, Any]]:
     def run(n: int) -> dict[str, Any]:
-        import multiprocessing as mp
-
         import workloads
 
         t0 = time.perf_counter()
-        with mp.get_context("fork").Pool(cores(), initializer=_pin_one_thread if pin else None) as pool:
+        with common.fork_pool(cores(), pin) as pool:
             results = pool.map(workloads.client_job, range(n))
         wall = time.perf_counter() - t0
         return {"wall": wall, "losses": [r["loss"] for r in results],
@@ -144,11 +118,10 @@ def _pool_mlp(pin: bool) -> Callable[[int], dict[str, Any]]:
 
 
 def _sequential_mlp(n: int) -> dict[str, Any]:
-    import torch
     import workloads
 
     t0 = time.perf_counter()
-    torch.set_num_threads(1)
+    common.pin_one_thread()
     results = [workloads.client_job(i) for i in range(n)]
     wall = time.perf_counter() - t0
     return {"wall": wall, "losses": [r["loss"] for r in results], "threads": [1]}
@@ -167,27 +140,19 @@ VARIANTS: dict[str, Callable[[int], dict[str, Any]]] = {
 
 def run_variant(name: str, n: int) -> int:
     """Child side: import everything first, then time the variant, then print one JSON line."""
-    t0 = time.perf_counter()
-    import torch  # noqa: F401 - imported before the timer, as any user script would
-
-    import_torch = time.perf_counter() - t0
-    sys.path.insert(0, str(HERE))
-    import numpy  # noqa: F401
-    import workloads  # noqa: F401
-
+    import_torch = common.import_first("torch")
+    imports = import_torch + common.import_first("numpy", "workloads", "fedsup")
     import fedsup
 
-    imports = time.perf_counter() - t0
-    before, load = _rusage(), os.getloadavg()[0]
+    before, load = common.rusage(), os.getloadavg()[0]
     result = VARIANTS[name](n)
-    after = _rusage()
+    after = common.rusage()
     result.update({
         "variant": name, "tasks": n, "per_task_ms": 1000 * result["wall"] / n, "import_torch": import_torch,
         "imports": imports, "loadavg_before": load, "pid": os.getpid(),
         "cpu": {k: after[k] - before[k] for k in after}, "fedsup": os.path.dirname(fedsup.__file__),
     })
-    sys.stdout.flush()
-    print(MARK + json.dumps(result), flush=True)
+    common.emit(result)
     return 0
 
 
@@ -221,7 +186,6 @@ def _kill_session(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.communicate()
 
 
 def launch(name: str, n: int, timeout: float, verbose: bool) -> dict[str, Any]:
@@ -230,38 +194,26 @@ def launch(name: str, n: int, timeout: float, verbose: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     # A session of its own, so that a timeout takes down its fork server, task processes or pool too.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_session(proc)
-        return {"variant": name, "tasks": n, "error": f"timed out after {timeout:g} s"}
-    except BaseException:  # Ctrl-C here does not reach the variant's own session: end it ourselves
-        _kill_session(proc)
-        raise
+    # Ctrl-C does not reach the variant's own session either: _kill_session ends it then too.
+    stdout, stderr, timed_out = common.communicate(proc, timeout, _kill_session)
+    if timed_out:
+        return {"variant": name, "tasks": n, "error": timed_out}
     elapsed = time.perf_counter() - t0
     if verbose and stderr.strip():
         print(f"--- stderr of {name} ---\n{stderr.rstrip()}\n---", file=sys.stderr)
-    lines = [line for line in stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((stdout + stderr).strip().splitlines()[-15:])
-        return {"variant": name, "tasks": n, "error": f"exit code {proc.returncode}\n{tail}"}
-    result = json.loads(lines[-1][len(MARK):])
+    result, error = common.read_result(stdout, stderr, proc.returncode, tail=15)
+    if error:
+        return {"variant": name, "tasks": n, "error": error}
     result["process_wall"] = elapsed
     result["stderr_lines"] = len(stderr.splitlines())
     return result
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median wall time (the lower middle one for an even count), with every wall kept."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return runs[-1]
-    ordered = sorted(ok, key=lambda r: r["wall"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
-    chosen["wall"] = statistics.median(r["wall"] for r in ok)
-    chosen["per_task_ms"] = 1000 * chosen["wall"] / chosen["tasks"]
-    chosen["walls"] = [r["wall"] for r in runs if "error" not in r]
-    chosen["errors"] = [r["error"] for r in runs if "error" in r]
+    """common.median_run of the wall time, with the per-task figure taken again from the median."""
+    chosen = common.median_run(runs)
+    if "error" not in chosen:
+        chosen["per_task_ms"] = 1000 * chosen["wall"] / chosen["tasks"]
     return chosen
 
 
@@ -273,19 +225,8 @@ def fedsup_origin() -> str:
                             "print(s.submodule_search_locations[0] if s else 'not importable')"],
                            capture_output=True, text=True, cwd=HERE)
     where = probe.stdout.strip() or "not importable"
-    try:
-        rev = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "fedsup"],
-                               capture_output=True, text=True).stdout.strip()
-        rev += "+dirty fedsup/" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        rev = "?"
-    return f"fedsup at {where} (git {rev})"
-
-
-def fmt(value: Any, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
+    rev, dirty = common.git_revision()
+    return f"fedsup at {where} (git {rev}{'+dirty fedsup/' if dirty else ''})"
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, sizes: dict[str, int]) -> list[str]:
@@ -294,9 +235,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, sizes: 
     base = pool.get("wall") if "error" not in pool else None
 
     def ratio(r: dict[str, Any]) -> str:
-        if r.get("workload") != "mlp" or base is None or "error" in r:
-            return "-"
-        return f"{r['wall'] / base:.2f}"
+        return common.ratio(r["wall"], base) if r.get("workload") == "mlp" and "error" not in r else "-"
 
     rows = [
         ("no-op", "fedsup (forkserver)", "fedsup-noop", "the default (tasks_per_process: auto)"),
@@ -321,9 +260,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, sizes: 
             continue
         notes = [note] if note else []
         if key == "spawn-child":
-            notes = [f"median of {len(r['runs'])}: " + ", ".join(f"{t:.2f}" for t in r["runs"]) + " s"]
+            notes = [f"median of {len(r['runs'])}: {common.seconds(r['runs'])} s"]
         if len(r.get("walls", [])) > 1:
-            notes.append("runs " + ", ".join(f"{w:.2f}" for w in r["walls"]) + " s")
+            notes.append(f"runs {common.seconds(r['walls'])} s")
         if key == "sequential-mlp":
             notes = [f"reference; /{cores()} = {r['wall'] / cores():.2f} s (perfect scaling)"] + notes[1:]
         lines.append(f"{workload:<13} {label:<27} {r['tasks']:>5} {r['wall']:>8.2f} {r['per_task_ms']:>12.1f} "
@@ -380,7 +319,7 @@ def target_lines(results: dict[str, dict[str, Any]], base: float | None, suffix:
         return "ERROR" if any("error" in results.get(k, {}) for k in keys) else "not run"
 
     def verdict(met: bool) -> str:
-        return ("PASS" if met else "FAIL") if judged else "(not judged)"
+        return common.verdict(met) if judged else "(not judged)"
 
     lines = []
     noop_key, mlp_key = f"fedsup-noop{suffix}", f"fedsup-mlp{suffix}"
@@ -405,8 +344,7 @@ def _ms(r: dict[str, Any], key: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="40 no-op tasks, 20 MLP tasks, 1 spawn child")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run each variant N times (interleaved) and report the median (default 1)")
@@ -418,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                              "OpenMP oversubscription)")
     parser.add_argument("--only", choices=sorted(VARIANTS) + ["spawn-child"], action="append",
                         help="run only these variants (repeatable)")
-    parser.add_argument("--json", metavar="PATH", help="also write every result to PATH as JSON")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant run")
+    common.add_output_options(parser, "also write every result to PATH as JSON", 900.0,
+                              "seconds allowed per variant run")
     parser.add_argument("-v", "--verbose", action="store_true", help="show each variant's stderr")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, help=argparse.SUPPRESS)
@@ -427,10 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.variant:
         return run_variant(args.variant, args.tasks)
-    for option in ("repeat", "noop_tasks", "mlp_tasks", "spawn_runs"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            parser.error(f"--{option.replace('_', '-')}: expected a whole number >= 1, got {value}")
+    common.require_positive(parser, args, ("repeat", "noop_tasks", "mlp_tasks", "spawn_runs"))
 
     preset = QUICK if args.quick else FULL
     sizes = {"noop": args.noop_tasks or preset["noop"], "mlp": args.mlp_tasks or preset["mlp"],
@@ -471,14 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     errors = {name: r["error"] for name, r in results.items() if "error" in r}
     errors.update({f"{name} (a repeat)": e for name, r in results.items() for e in r.get("errors", [])})
-    print(f"\nbench took {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f} at the end "
-          "(the bench's own processes included)")
-    for name, error in errors.items():
-        print(f"\nERROR in {name}:\n{error}", file=sys.stderr)
+    print(common.end_line(started) + " (the bench's own processes included)")
+    status = common.print_errors(errors)
     if args.json:
-        Path(args.json).write_text(json.dumps({"sizes": sizes, "repeat": args.repeat, "results": results,
-                                               "runs": runs}, indent=1, default=str))
-    return 1 if errors else 0
+        common.write_json(args.json, {"sizes": sizes, "repeat": args.repeat, "results": results, "runs": runs})
+    return status
 
 
 if __name__ == "__main__":
