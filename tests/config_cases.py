@@ -7,7 +7,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-STRATEGY_NAMES = "fedavg, fedmedian, trimmed_mean, fedavgm, fedadam, fedyogi, fedadagrad, krum, multikrum, bulyan"
+STRATEGY_NAMES = ("fedavg, fedmedian, trimmed_mean, fedavgm, fedadam, fedyogi, fedadagrad, krum, multikrum, bulyan, "
+                  "scaffold")
 FIXTURES = Path(__file__).resolve().parent / "config_fixtures"
 TOY = f"{FIXTURES / 'toy_tasks.py'}"
 GiB = 1024**3

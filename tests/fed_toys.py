@@ -55,3 +55,59 @@ class SignallingClient(SyntheticClient):
             with open(self.fifo, "w") as f:  # blocks until the test reads: the test now holds the moment
                 f.write(f"{os.getpid()}\n")
         return super().train(device)
+
+
+class QuadraticClient(fedsup.Task):
+    """Client i's loss is a_i / 2 * ||w - b_i||^2: curvatures differ, so many local steps drift each client
+    toward its own b_i, and FedAvg settles away from the global optimum sum(a_i b_i) / sum(a_i). With
+    ``scaffold`` the gradient is corrected by the control variates; with ``proximal_mu`` FedProx's term is
+    added; ``work_fraction`` cuts the local steps of a straggler."""
+
+    CURVATURES = (0.5, 1.0, 4.0)
+    CENTRES = ((-2.0, 1.0), (0.0, 3.0), (3.0, -1.0))
+
+    def __init__(self, client_id: int, steps: int = 10, lr: float = 0.1, scaffold: bool = False,
+                 stateful: bool = False, fifo: str = "", signal_round: int = 0, signal_client: int = -1) -> None:
+        super().__init__()
+        self.client_id, self.steps, self.lr, self.scaffold = client_id, steps, lr, scaffold
+        self.stateful = stateful  # keeps a count of its rounds, which slows its steps: a lost count shows
+        self.fifo, self.signal_round, self.signal_client = fifo, signal_round, signal_client
+
+    def load(self) -> None:
+        self.a = self.CURVATURES[self.client_id % 3]
+        self.b = torch.tensor(self.CENTRES[self.client_id % 3], dtype=torch.float64)
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"w": torch.zeros(2, dtype=torch.float64)}
+
+    def train(self, device: str) -> dict[str, Any]:
+        from fedsup.algorithms import Scaffold, proximal_term
+
+        self._signal()
+        model = torch.nn.Module()
+        model.w = torch.nn.Parameter(self.global_state["w"].clone())
+        helper = Scaffold(self, model) if self.scaffold else None
+        seen = int(self.client_state.get("rounds", torch.tensor(0)))
+        lr = self.lr / (1 + 0.1 * seen) if self.stateful else self.lr
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        for _ in range(max(1, round(self.steps * self.work_fraction))):
+            optimizer.zero_grad()
+            loss = 0.5 * self.a * ((model.w - self.b) ** 2).sum() + proximal_term(
+                model, self.global_state, self.proximal_mu)
+            loss.backward()
+            if helper is not None:
+                helper.correct()
+            optimizer.step()
+        if helper is not None:
+            helper.finish(lr)
+        if self.stateful:
+            self.client_state = {**self.client_state, "rounds": torch.tensor(seen + 1)}
+        return {"state": {"w": model.w.detach().clone()}, "num_examples": 1, "loss": float(loss)}
+
+    def _signal(self) -> None:
+        """Like SignallingClient: one line on the FIFO, once, when the chosen client trains in the chosen round."""
+        marker = Path(self.fifo + ".done")
+        if self.round == self.signal_round and self.client_id == self.signal_client and not marker.exists():
+            marker.touch()
+            with open(self.fifo, "w") as f:
+                f.write(f"{os.getpid()}\n")

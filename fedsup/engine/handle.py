@@ -27,7 +27,8 @@ class TaskHandle:
 
     def __init__(self, task: Task, index: int, listener: Listener | None = None, *, task_id: str | None = None,
                  method: str = "train", context: dict[str, Any] | None = None, state_path: str | None = None,
-                 seed: int | None = None, federated: bool = False, one_off: bool = False) -> None:
+                 seed: int | None = None, federated: bool = False, one_off: bool = False,
+                 client_state_path: str | None = None) -> None:
         self.task = task
         self.index = index
         self.id = task_id or task.task_id
@@ -35,6 +36,7 @@ class TaskHandle:
         self.method = method
         self.context = context or {}
         self.state_path = state_path
+        self.client_state_path = client_state_path
         self.seed = seed
         self.federated = federated
         self.one_off = one_off

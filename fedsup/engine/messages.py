@@ -44,6 +44,9 @@ class Train:
     state_path: str | None = None
     seed: int | None = None      # seeds torch, random and numpy before the call, for reproducible rounds
     cuda_limit: int | None = None  # enforce_memory on a GPU: bytes torch's allocator may hold in this process
+    # Federated train: where the task's ``client_state`` (a dict of tensors it keeps across rounds) is saved
+    # after the call, before the result is sent; an empty one removes the file.
+    client_state_path: str | None = None
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ class Job:
     # A short job that builds no model to train (a federated run's initial model): its process is not kept
     # for the task's next job, and the cold fork server may start it beyond its budget.
     one_off: bool = False
+    client_state_path: str | None = None  # federated train: where the task's client_state is saved after it
 
 
 class Scheduler:
@@ -133,7 +134,8 @@ class Scheduler:
         for job in jobs:
             handle = TaskHandle(job.task, len(self.handles), self._on_transition, task_id=job.task_id,
                                 method=job.method, context=job.context, state_path=job.state_path, seed=job.seed,
-                                federated=job.federated, one_off=job.one_off)
+                                federated=job.federated, one_off=job.one_off,
+                                client_state_path=job.client_state_path)
             self.handles.append(handle)
             handles.append(handle)
             self.outstanding += 1
@@ -380,7 +382,8 @@ class Scheduler:
         local = "cuda:0" if device.is_gpu else "cpu"
         enforced = self.policy.enforce_memory and device.is_gpu and handle.estimate_cuda > 0
         command = Train(device.name, local, visible, fault, handle.method, handle.context,  # type: ignore[arg-type]
-                        handle.federated, handle.state_path, handle.seed, handle.estimate_cuda if enforced else None)
+                        handle.federated, handle.state_path, handle.seed, handle.estimate_cuda if enforced else None,
+                        handle.client_state_path)
         self.runtime.send(handle.child, command)
         handle.transition(S.TRAINING, device=device.name, fault=fault)
 

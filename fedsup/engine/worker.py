@@ -7,6 +7,7 @@ the parent's size in a forked child), CPU time is a getrusage delta, GPU peak is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import io
@@ -333,6 +334,22 @@ def federated_result(result: Any, method: str, state_path: str | None) -> dict[s
     return result
 
 
+def save_client_state(state: Any, path: str) -> None:
+    """What the client keeps for its next round, beside its update. An empty state leaves no file, and removes
+    the one an earlier attempt of this job may have written before it failed."""
+    import torch
+
+    if state is None or (isinstance(state, dict) and not state):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ResultContractError(f"client_state must be a dict of name -> tensor, got {type(state).__name__}"
+                                  + (f" with {sorted(map(repr, state))[:5]} keys" if isinstance(state, dict) else ""))
+    save_state(state, path)
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -459,6 +476,8 @@ class Worker:
                 result = getattr(self.task, command.method)(command.local_device)
             if command.federated:
                 result = federated_result(result, command.method, command.state_path)
+            if command.client_state_path is not None:
+                save_client_state(getattr(self.task, "client_state", None), command.client_state_path)
             return result
 
         self.run_phase(command.method, command.device, command.fault, call)

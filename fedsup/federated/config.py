@@ -46,6 +46,7 @@ from fedsup.engine.messages import Fault
 from fedsup.engine.task import Task
 from fedsup.engine.units import parse_bytes
 from fedsup.federated.classes import class_problems, is_file_spec, one_line, resolve_class
+from fedsup.federated.heterogeneity import straggler_count
 from fedsup.federated.overrides import apply
 from fedsup.federated.problems import (
     ConfigProblems,
@@ -67,6 +68,7 @@ __all__ = [
     "FaultsConfig",
     "FederationConfig",
     "RunConfig",
+    "StragglersConfig",
     "SupervisorConfig",
     "TaskConfig",
     "TimeoutsConfig",
@@ -173,6 +175,14 @@ class TaskConfig(_Section):
         return args
 
 
+class StragglersConfig(_Section):
+    """Clients that do only part of their local work each round (``partial``: ``self.work_fraction`` < 1), or
+    whose updates never arrive in time (``drop``): ``fraction`` of each round's clients, drawn from the seed."""
+
+    fraction: float = Field(ge=0, le=1)
+    mode: Literal["partial", "drop"] = "partial"
+
+
 class FederationConfig(_Section):
     """Clients, rounds and aggregation. ``clients_per_round`` and ``min_clients`` are filled in when omitted."""
 
@@ -183,6 +193,9 @@ class FederationConfig(_Section):
     strategy: str = Field(default="fedavg", description=f"{' | '.join(BUILTIN)} | 'module:Class'")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
     evaluate: bool = True
+    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx: reaches every client as self.proximal_mu")
+    stragglers: StragglersConfig | None = None
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="chance that a sampled client fails to report")
 
     @field_validator("strategy")
     @classmethod
@@ -267,11 +280,17 @@ def _option_value_problems(strategy: str, args: dict[str, Any]) -> list[Problem]
 
 def _round_size_problems(fed: FederationConfig) -> list[Problem]:
     """A robust rule needs enough updates for its num_malicious_nodes; a round may aggregate as few as
-    min_clients, so that is what has to be large enough."""
+    min_clients, so that is what has to be large enough. Stragglers dropped leave fewer clients to finish."""
+    per_round, smallest = fed.clients_per_round or fed.clients, fed.min_clients or 0
+    if fed.stragglers is not None and fed.stragglers.mode == "drop":
+        left = per_round - straggler_count(fed.stragglers.fraction, per_round)
+        if left < smallest:
+            return [(("min_clients",), f"with stragglers dropped ({fed.stragglers.fraction:g} of "
+                     f"clients_per_round={per_round}) only {left} client(s) a round can finish; lower min_clients "
+                     f"to {left} or fewer", smallest)]
     if fed.strategy not in STRATEGIES or _strategy_arg_problems(fed.strategy, fed.strategy_args):
         return []
     need = min_clients(fed.strategy, fed.strategy_args)
-    smallest = fed.min_clients or 0
     if smallest >= need:
         return []
     f = fed.strategy_args.get("num_malicious_nodes", 0)

@@ -14,11 +14,13 @@ from typing import Any
 from fedsup.engine.errors import ConfigError
 from fedsup.federated.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedsup.federated.robust import Bulyan, Krum, MultiKrum
+from fedsup.federated.scaffold import Scaffold
 from fedsup.federated.strategies import FedAvg, FedMedian, Strategy, TrimmedMean
 
 BUILTIN: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FedAvg, FedMedian, TrimmedMean, FedAvgM, FedAdam, FedYogi, FedAdagrad, Krum, MultiKrum, Bulyan)
+    for cls in (FedAvg, FedMedian, TrimmedMean, FedAvgM, FedAdam, FedYogi, FedAdagrad, Krum, MultiKrum, Bulyan,
+                Scaffold)
 }
 
 

@@ -45,6 +45,8 @@ from fedsup.engine.states import TaskStatus
 from fedsup.engine.supervisor import Session, Supervisor
 from fedsup.engine.task import Task
 from fedsup.engine.units import parse_bytes
+from fedsup.federated.client_state import ClientStates
+from fedsup.federated.heterogeneity import RoundPlan, plan_round
 from fedsup.federated.strategies import ClientUpdate, Strategy, weighted_metrics
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class FederationSpec:
     strategy: Strategy
     output: Path
     evaluate: bool = True
+    proximal_mu: float = 0.0                # FedProx: set on every client as self.proximal_mu
+    straggler_fraction: float = 0.0
+    straggler_mode: str = "partial"         # or "drop"
+    dropout: float = 0.0
     task_options: dict[str, Any] = field(default_factory=dict)  # estimate_memory, estimate_cuda_memory, cpus
     supervisor: dict[str, Any] = field(default_factory=dict)    # Supervisor keyword arguments
     config: dict[str, Any] | None = None                         # the resolved config, written as config.yaml
@@ -81,6 +87,9 @@ class RoundResult:
     failed: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
+    stragglers: dict[str, float] = field(default_factory=dict)  # partial stragglers: task id -> work_fraction
+    dropped: list[str] = field(default_factory=list)            # stragglers whose updates were dropped
+    dropped_out: list[str] = field(default_factory=list)        # sampled clients that failed to report
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     num_examples: int = 0
@@ -89,8 +98,9 @@ class RoundResult:
         return {"round": self.round, "started": self.started, "ended": self.ended,
                 "duration": round(self.ended - self.started, 6), "selected": self.selected,
                 "finished": self.finished, "failed": self.failed, "retried": self.retried,
-                "resumed": self.resumed, "train_metrics": self.train_metrics, "eval_metrics": self.eval_metrics,
-                "num_examples": self.num_examples}
+                "resumed": self.resumed, "stragglers": self.stragglers, "dropped": self.dropped,
+                "dropped_out": self.dropped_out, "train_metrics": self.train_metrics,
+                "eval_metrics": self.eval_metrics, "num_examples": self.num_examples}
 
 
 def derive_seed(*parts: object) -> int:
@@ -202,6 +212,8 @@ class Federation:
         self.round = 0
         self.supervisor = Supervisor(**{**spec.supervisor, "run_dir": spec.output, "keep_loaded": True})
         self.clients = [self._make_client(i) for i in range(spec.clients)]
+        self.spec.strategy.setup(clients=spec.clients)
+        self.client_states = ClientStates(self.path)
         self.rounds: list[RoundResult] = []
         self.started = time.time()
         # per task id: (attempts, failed, cpu_time), for summary.json's totals without rereading every record
@@ -279,6 +291,7 @@ class Federation:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) every round; return the summary that is also written to summary.json."""
         done = self._prepare_dir(resume)
+        self.client_states.recover(done)
         self._count("*")  # what earlier runs of this directory did
         self.rounds = [RoundResult(**{k: v for k, v in line.items() if k in RoundResult.__dataclass_fields__})
                        for line in read_jsonl(self.path / "rounds.jsonl")[:done]]
@@ -330,12 +343,18 @@ class Federation:
         self.round = round_
         result = RoundResult(round_, time.time())
         chosen = sample_clients(self.spec.seed, round_, self.spec.clients, self.spec.clients_per_round)
+        plan = plan_round(self.spec.seed, round_, chosen, dropout=self.spec.dropout,
+                          straggler_fraction=self.spec.straggler_fraction, mode=self.spec.straggler_mode)
         result.selected = [self._task_id(round_, i) for i in chosen]
+        result.stragglers = {self._task_id(round_, i): work for i, work in plan.work.items()}
+        result.dropped = [self._task_id(round_, i) for i in plan.dropped]
+        result.dropped_out = [self._task_id(round_, i) for i in plan.dropped_out]
         assert session.run_dir is not None
         session.run_dir.event(event="round_started", round=round_, selected=len(chosen))
         self._emit(event="round_started", round=round_, rounds=self.spec.rounds, selected=len(chosen))
         broadcast = self._broadcast(shm, round_, state)
-        updates = self._train(session, round_, chosen, broadcast, result)
+        context = self._strategy_context(shm, round_, state)
+        updates = self._train(session, round_, plan, {"global_state": broadcast, **context}, result)
         if len(updates) < self.spec.min_clients:
             raise RunFailed(f"round {round_}: {len(updates)} client(s) finished, fewer than min_clients="
                             f"{self.spec.min_clients}; failed: {', '.join(result.failed) or 'none'}")
@@ -345,7 +364,7 @@ class Federation:
         save_strategy_state(self.spec.strategy, self.path / "checkpoints" / f"round-{round_}.strategy.pt")
         if self.spec.evaluate and type(self.clients[0]).evaluate is not Task.evaluate:
             new_broadcast = self._broadcast(shm, round_, new_state, name="global-eval")
-            result.eval_metrics = self._evaluate(session, round_, chosen, new_broadcast)
+            result.eval_metrics = self._evaluate(session, round_, plan.train, new_broadcast)
         result.ended = time.time()
         self._finish_round(session, result)
         return new_state
@@ -364,13 +383,18 @@ class Federation:
         save_state(state, path)
         return StateRef(str(path))
 
-    def _train(self, session: Session, round_: int, chosen: list[int], broadcast: StateRef | None,
+    def _strategy_context(self, shm: SharedMemory, round_: int, state: State | None) -> dict[str, Any]:
+        """What the strategy sends every client besides the model (SCAFFOLD's server control variate)."""
+        return {name: self._broadcast(shm, round_, value, name=f"strategy-{name}")
+                for name, value in self.spec.strategy.broadcast(state).items()}
+
+    def _train(self, session: Session, round_: int, plan: RoundPlan, shared: dict[str, Any],
                result: RoundResult) -> list[ClientUpdate]:
         update_dir = self.path / "updates" / f"round-{round_}"
         update_dir.mkdir(parents=True, exist_ok=True)
         records: dict[int, TaskRecord] = {}
         jobs: list[tuple[int, Job]] = []
-        for i in chosen:
+        for i in plan.train:
             task_id = self._task_id(round_, i)
             path = update_dir / f"client-{i}.pt"
             previous = session.run_dir.read_record(task_id) if session.run_dir else None
@@ -378,24 +402,40 @@ class Federation:
                 records[i] = previous  # finished before the run was killed: never run twice
                 result.resumed.append(task_id)
                 continue
-            jobs.append((i, Job(self.clients[i], task_id=task_id, context={"global_state": broadcast, "round": round_},
-                                state_path=str(path), seed=derive_seed(self.spec.seed, round_, i), federated=True)))
+            context = {**shared, "round": round_, "proximal_mu": self.spec.proximal_mu,
+                       "work_fraction": plan.work_fraction(i), "client_state": self._client_state_ref(i)}
+            jobs.append((i, Job(self.clients[i], task_id=task_id, context=context, state_path=str(path),
+                                seed=derive_seed(self.spec.seed, round_, i), federated=True,
+                                client_state_path=str(ClientStates.pending(update_dir, i)))))
         ran = session.run([job for _, job in jobs])
         records.update((i, record) for (i, _), record in zip(jobs, ran, strict=True))
         updates = []
-        for i in chosen:
+        for i in plan.train:
             record = records[i]
             self._check_contract(record)
             (result.finished if record.ok else result.failed).append(record.task_id)
             if record.attempts > 1:
                 result.retried.append(record.task_id)
             if record.ok:
-                metrics = {k: v for k, v in (record.result or {}).items() if k not in ("state", "num_examples")}
-                n = int(record.result["num_examples"])
-                updates.append(ClientUpdate(i, load_state(update_dir / f"client-{i}.pt"), n, metrics))
+                updates.append(self._update(i, record, update_dir))
         result.train_metrics = weighted_metrics([(u.num_examples, u.metrics) for u in updates])
         result.num_examples = sum(u.num_examples for u in updates)
         return updates
+
+    def _client_state_ref(self, client: int, update_dir: Path | None = None) -> StateRef | dict[str, Any]:
+        """The client's newest state: this round's, where ``update_dir`` holds one, else its committed one."""
+        if update_dir is not None and ClientStates.pending(update_dir, client).exists():
+            return StateRef(str(ClientStates.pending(update_dir, client)))
+        committed = self.client_states.committed(client)
+        return {} if committed is None else StateRef(str(committed))
+
+    def _update(self, client: int, record: TaskRecord, update_dir: Path) -> ClientUpdate:
+        metrics = {k: v for k, v in (record.result or {}).items() if k not in ("state", "num_examples")}
+        pending = ClientStates.pending(update_dir, client)
+        committed = self.client_states.committed(client)
+        return ClientUpdate(client, load_state(update_dir / f"client-{client}.pt"), int(record.result["num_examples"]),
+                            metrics, client_state=load_state(pending) if pending.exists() else {},
+                            previous_client_state=load_state(committed) if committed is not None else {})
 
     def _evaluate(self, session: Session, round_: int, chosen: list[int],
                   broadcast: StateRef | None) -> dict[str, float]:
@@ -407,8 +447,10 @@ class Federation:
             if previous is not None and previous.ok:
                 results.append((int(previous.result["num_examples"]), previous.result))
                 continue
+            update_dir = self.path / "updates" / f"round-{round_}"
             jobs.append(Job(self.clients[i], task_id=task_id, method="evaluate", federated=True,
-                            context={"global_state": broadcast, "round": round_},
+                            context={"global_state": broadcast, "round": round_,
+                                     "client_state": self._client_state_ref(i, update_dir)},
                             seed=derive_seed(self.spec.seed, round_, i, "evaluate")))
         for record in session.run(jobs):
             self._check_contract(record)
@@ -426,11 +468,14 @@ class Federation:
         self.rounds.append(result)
         line = json.dumps(result.to_json()) + "\n"
         assert session.run_dir is not None
+        clients = [int(task.rsplit("client-", 1)[1]) for task in result.finished]
+        kept = self.client_states.commit(result.round, self.path / "updates" / f"round-{result.round}", clients)
         session.run_dir.commit()  # the round's records and updates are durable before the line that commits it
         with open(self.path / "rounds.jsonl", "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        self.client_states.prune(result.round, kept)
         shutil.rmtree(self.path / "updates" / f"round-{result.round}", ignore_errors=True)
         session.run_dir.event(event="round_finished", round=result.round, finished=len(result.finished),
                               failed=len(result.failed), eval_metrics=result.eval_metrics)

@@ -51,6 +51,10 @@ class ClientUpdate:
     state: State
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # What the client keeps across rounds (``self.client_state``): as it left it after this round, and as it
+    # was before; for strategies that need it, such as SCAFFOLD's control variates.
+    client_state: State = field(default_factory=dict)
+    previous_client_state: State = field(default_factory=dict)
 
 
 class Strategy(abc.ABC):
@@ -61,6 +65,15 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         """Return a new state with the keys, shapes and dtypes of ``global_state``."""
+
+    def setup(self, clients: int) -> None:
+        """Told once, before the first round, how many clients the federation has (SCAFFOLD scales by it)."""
+        del clients  # most strategies do not depend on it
+
+    def broadcast(self, global_state: State | None) -> dict[str, State]:
+        """Named states sent to every client with the round's model, each set as an attribute of the client
+        (SCAFFOLD's ``server_control``); none by default."""
+        return {}
 
     def state_dict(self) -> StrategyState:
         """Everything ``aggregate`` carries from one round to the next (server momentum, moments); ``{}`` for a

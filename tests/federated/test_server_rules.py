@@ -23,7 +23,8 @@ from fedsup.federated.robust import Bulyan, Krum, MultiKrum, squared_distances
 from fedsup.federated.strategies import ClientUpdate, FedAvg, FedMedian, State, Strategy, streaming_weighted_mean
 
 TOLERANCE = 1e-9
-NEW_RULES = {name: cls for name, cls in BUILTIN.items() if name not in ('fedavg', 'fedmedian', 'trimmed_mean')}
+NEW_RULES = {name: cls for name, cls in BUILTIN.items()
+             if name not in ('fedavg', 'fedmedian', 'trimmed_mean', 'scaffold')}
 
 # REFERENCE-BEGIN: pasted from flower_reference.py's output, flat row-major values per key.
 # fmt: off

@@ -345,7 +345,7 @@ def test_make_strategy_loads_a_module_class_with_options() -> None:
 
 
 def test_make_strategy_names_an_unknown_name_and_the_known_ones() -> None:
-    known = "bulyan, fedadagrad, fedadam, fedavg, fedavgm, fedmedian, fedyogi, krum, multikrum, trimmed_mean"
+    known = "bulyan, fedadagrad, fedadam, fedavg, fedavgm, fedmedian, fedyogi, krum, multikrum, scaffold, trimmed_mean"
     with pytest.raises(ConfigError, match=rf"unknown name 'fedprox'; known names are {known}"):
         make_strategy("fedprox")
 
