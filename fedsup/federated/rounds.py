@@ -351,7 +351,8 @@ class Federation:
         result.dropped_out = [self._task_id(round_, i) for i in plan.dropped_out]
         assert session.run_dir is not None
         session.run_dir.event(event="round_started", round=round_, selected=len(chosen))
-        self._emit(event="round_started", round=round_, rounds=self.spec.rounds, selected=len(chosen))
+        self._emit(event="round_started", round=round_, rounds=self.spec.rounds, selected=len(chosen),
+                   stragglers=len(plan.work), dropped=len(plan.dropped), dropped_out=len(plan.dropped_out))
         broadcast = self._broadcast(shm, round_, state)
         context = self._strategy_context(shm, round_, state)
         updates = self._train(session, round_, plan, {"global_state": broadcast, **context}, result)

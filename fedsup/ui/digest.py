@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 
 from fedsup.engine.errors import ConfigError
 from fedsup.engine.records import AttemptRecord, PhaseRecord, TaskRecord
+from fedsup.engine.units import format_bytes
 
 OUTCOMES = ("FINISHED", "FAILED", "CANCELLED")
 ATTEMPT_FAILED = frozenset({"EXCEPTION", "INTERRUPT", "CRASHED", "TIMEOUT"})
@@ -25,6 +28,8 @@ PHASE_OF = {"LOADING": "load", "TRAINING": "train"}
 MAX_CONFIG_CHARS = 64_000
 MAX_ERROR_CHARS = 400
 SLOWEST = 10
+CLIENT_STATE_FILE = re.compile(r"^client-(\d+)\.round-(\d+)\.pt$")
+STRATEGY_STATE_FILE = re.compile(r"^round-(\d+)\.strategy\.pt$")
 
 
 # ---------------------------------------------------------------- loading
@@ -484,9 +489,38 @@ def json_summary(run: RunData) -> dict[str, Any]:
         "slowest": [{"task": t.task, "duration": t.duration} for t in slowest(d.tasks)],
         "failures": [{"task": t.task, "status": t.status, "attempts": t.attempts, "reason": t.reason}
                    for t in d.tasks if t.status in ("FAILED", "CANCELLED")],
+        "heterogeneity": heterogeneity(run),
+        "kept_state": kept_state(run),
         "missing": list(run.missing),
         "problems": list(run.problems),
     }
+
+
+def heterogeneity(run: RunData) -> dict[str, int]:
+    """Stragglers, stragglers dropped and clients that dropped out, summed over the run's rounds."""
+    totals = {"stragglers": 0, "dropped": 0, "dropped_out": 0}
+    for row in run.rounds:
+        for key in totals:
+            value = row.get(key)
+            totals[key] += len(value) if isinstance(value, (list, dict)) else 0
+    return totals
+
+
+def kept_state(run: RunData) -> dict[str, Any]:
+    """What outlives the rounds besides the model: the clients' states and the strategy's, by their files."""
+    clients: dict[str, tuple[int, int]] = {}  # client -> (round, bytes)
+    folder = run.path / "client_state"
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            found = CLIENT_STATE_FILE.match(entry.name)
+            if found and int(found.group(2)) >= clients.get(found.group(1), (0, 0))[0]:
+                clients[found.group(1)] = (int(found.group(2)), entry.stat().st_size)
+    strategy = sorted((int(m.group(1)), p.stat().st_size) for p in (run.path / "checkpoints").glob("*.strategy.pt")
+                      if (m := STRATEGY_STATE_FILE.match(p.name)))
+    return {"clients": len(clients), "client_bytes": sum(size for _, size in clients.values()),
+            "newest_client_round": max((r for r, _ in clients.values()), default=None),
+            "strategy_round": strategy[-1][0] if strategy else None,
+            "strategy_bytes": strategy[-1][1] if strategy else None}
 
 
 def slowest(tasks: list[TaskView], n: int = SLOWEST) -> list[TaskView]:
@@ -507,6 +541,13 @@ def text_summary(run: RunData) -> str:
     lines.append(f"CPU time: {fmt_seconds(s['cpu_time'])}   wall time: {fmt_seconds(s['wall_time'])}")
     if s["final_metrics"]:
         lines.append("final metrics: " + ", ".join(f"{k}={fmt_value(v)}" for k, v in s["final_metrics"].items()))
+    if any(s["heterogeneity"].values()):
+        h = s["heterogeneity"]
+        lines.append(f"stragglers: {h['stragglers']} partial, {h['dropped']} dropped; {h['dropped_out']} dropped out")
+    kept = s["kept_state"]
+    if kept["clients"] or kept["strategy_round"]:
+        lines.append(f"kept state: {kept['clients']} client(s), {format_bytes(kept['client_bytes'])}"
+                     + (f"; strategy state of round {kept['strategy_round']}" if kept["strategy_round"] else ""))
     if s["slowest"]:
         slow = ", ".join(f"{t['task']} {fmt_seconds(t['duration'])}" for t in s["slowest"][:5])
         lines.append(f"slowest tasks: {slow}")

@@ -27,6 +27,14 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))) or "-"
 
 
+def _heterogeneity(event: dict[str, Any]) -> str:
+    """The round's stragglers and dropouts, where there were any: counts, or the lists of a finished round."""
+    counts = [(len(v) if isinstance(v, (list, dict)) else int(v or 0), label) for v, label in (
+        (event.get("stragglers"), "straggling"), (event.get("dropped"), "dropped as stragglers"),
+        (event.get("dropped_out"), "dropped out"))]
+    return "".join(f", {n} {label}" for n, label in counts if n)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
@@ -39,6 +47,7 @@ class LiveView:
         self.live: Live | None = None
         self.started = time.monotonic()
         self.last_round: dict[str, Any] | None = None
+        self.this_round: dict[str, Any] = {}
 
     def attach(self, federation: Federation) -> None:
         self.federation = federation
@@ -48,11 +57,13 @@ class LiveView:
         if kind == "run_started" and self.console.is_terminal:
             self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4)
             self.live.start()
+        elif kind == "round_started":
+            self.this_round = event
         elif kind == "round_finished":
             self.last_round = event
             line = (f"round {event['round']}/{self.federation.spec.rounds if self.federation else '?'}: "
                     f"{len(event['finished'])} finished, {len(event['failed'])} failed, "
-                    f"{len(event['retried'])} retried in {event['duration']:.1f}s; "
+                    f"{len(event['retried'])} retried{_heterogeneity(event)} in {event['duration']:.1f}s; "
                     f"train {_fmt_metrics(event['train_metrics'])}; eval {_fmt_metrics(event['eval_metrics'])}")
             if self.live is not None:
                 self.live.console.log(line)
@@ -100,8 +111,8 @@ class LiveView:
                             str(len(gpu.reservations)))
         devices.add_row("cpu", f"{inventory.cpu.used_cores}/{inventory.cpu.cores} cores", "-",
                         str(scheduler.training))
-        parts: list[Any] = [head, states, Text(f"retries this round: {retries}   processes: {len(scheduler.procs)}"),
-                            devices]
+        parts: list[Any] = [head, states, Text(f"retries this round: {retries}{_heterogeneity(self.this_round)}   "
+                                               f"processes: {len(scheduler.procs)}"), devices]
         if self.last_round is not None:
             parts.append(Text(f"last round: eval {_fmt_metrics(self.last_round['eval_metrics'])}", style="green"))
         return Group(*parts)

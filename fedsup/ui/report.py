@@ -37,6 +37,8 @@ from fedsup.ui.digest import (
     digest,
     fmt_seconds,
     fmt_value,
+    heterogeneity,
+    kept_state,
     load_run,
     slowest,
 )
@@ -47,6 +49,25 @@ STATUS_COLOURS = {"finished": "#2e9e6a", "failed": "#d62728", "interrupted": "#d
 
 
 # ---------------------------------------------------------------- tables
+
+
+def render_participation(run: RunData) -> str:
+    rows = []
+    for row in run.rounds[:MAX_FAILURE_ROWS]:
+        work = [float(w) for w in (row.get("stragglers") or {}).values() if isinstance(w, (int, float))]
+        share = f" (work {min(work):.2f}-{max(work):.2f})" if work else ""
+        cells = [str(row.get("round")), str(len(row.get("selected") or [])), f"{len(work)}{share}",
+                 str(len(row.get("dropped") or [])), str(len(row.get("dropped_out") or [])),
+                 str(len(row.get("finished") or []))]
+        rows.append("<tr>" + "".join(f'<td class="num">{esc(c)}</td>' for c in cells) + "</tr>")
+    kept = kept_state(run)
+    note = (f'<p class="note">Kept state: {kept["clients"]} client(s) hold {esc(format_bytes(kept["client_bytes"]))} '
+            f'in client_state/ (newest from round {kept["newest_client_round"]})'
+            + (f'; the strategy\'s state of round {kept["strategy_round"]} is '
+               f'{esc(format_bytes(kept["strategy_bytes"] or 0))}' if kept["strategy_round"] else "") + ".</p>")
+    return ('<table class="participation"><thead><tr><th>round</th><th>sampled</th><th>stragglers</th>'
+            f'<th>dropped</th><th>dropped out</th><th>finished</th></tr></thead><tbody>{"".join(rows)}</tbody>'
+            f'</table>{note}')
 
 
 def render_failures(tasks: list[TaskView]) -> str:
@@ -120,6 +141,11 @@ def render_html(run: RunData) -> str:
                  "was given up.", render_failures(d.tasks)),
         _section("Slowest tasks", "First attempt's start to last attempt's end.", render_slowest(d.tasks)),
     ]
+    if any(heterogeneity(run).values()) or kept_state(run)["clients"] or kept_state(run)["strategy_round"]:
+        sections.insert(2, _section("Participation and kept state", "Per round, from rounds.jsonl: stragglers "
+                                    "(with the share of local work each did), stragglers dropped, clients that "
+                                    "dropped out; and what outlives the rounds: the clients' states and the "
+                                    "strategy's.", render_participation(run)))
     if run.config is not None:
         sections.append(_section("Configuration", "", f"<details><summary>config.yaml</summary>"
                                                       f"<pre>{esc(run.config)}</pre></details>"))

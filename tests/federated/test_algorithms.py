@@ -20,6 +20,8 @@ import yaml
 import fedsup
 from fedsup.federated.chaos import differing_checkpoints, finished_twice
 from fedsup.federated.heterogeneity import plan_round
+from fedsup.ui import digest, report
+from fedsup.ui.live import _heterogeneity
 
 TESTS = Path(__file__).resolve().parent.parent  # where the toy task modules are
 CURVATURES = torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
@@ -59,6 +61,8 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_settles_away_from_it(t
     assert (scaffold - OPTIMUM).abs().max() < 1e-6, (scaffold, OPTIMUM)
     kept = sorted(p.name for p in (tmp_path / "scaffold" / "client_state").iterdir())
     assert kept == ["client-0.round-25.pt", "client-1.round-25.pt", "client-2.round-25.pt"], kept
+    summary = digest.json_summary(digest.load_run(tmp_path / "scaffold"))["kept_state"]
+    assert summary["clients"] == 3 and summary["newest_client_round"] == 25 and summary["strategy_round"] == 25
     control = torch.load(tmp_path / "scaffold" / "checkpoints" / "round-25.strategy.pt", weights_only=True)
     assert control["strategy"] == "scaffold" and control["control"]["w"].dtype == torch.float64
 
@@ -95,6 +99,15 @@ def test_stragglers_show_in_rounds_jsonl_and_do_less_work(tmp_path: Path) -> Non
         row = json.loads(line)
         assert len(row["dropped"]) == 2 and len(row["finished"]) == 1 and not row["stragglers"], row
         assert not set(row["dropped"]) & set(row["finished"])
+    # what a person sees: fedsup status, the report, the live view's round line
+    assert digest.json_summary(digest.load_run(tmp_path / "partial"))["heterogeneity"] == {
+        "stragglers": 4, "dropped": 0, "dropped_out": 0}
+    assert digest.json_summary(digest.load_run(tmp_path / "drop"))["heterogeneity"]["dropped"] == 4
+    assert "stragglers: 0 partial, 4 dropped" in digest.text_summary(digest.load_run(tmp_path / "drop"))
+    page = report.render_html(digest.load_run(tmp_path / "drop"))
+    assert "Participation and kept state" in page and "<th>dropped out</th>" in page
+    row = json.loads((tmp_path / "drop" / "rounds.jsonl").read_text().splitlines()[0])
+    assert _heterogeneity(row) == ", 2 dropped as stragglers"
 
 
 def test_dropping_more_stragglers_than_min_clients_allows_is_refused_before_the_run(tmp_path: Path) -> None:
