@@ -111,3 +111,68 @@ class QuadraticClient(fedsup.Task):
             marker.touch()
             with open(self.fifo, "w") as f:
                 f.write(f"{os.getpid()}\n")
+
+
+class HoldingClient(KnownClient):
+    """Client ``hold_client`` of round ``hold_round`` says its pid on the FIFO ``announce`` and then waits until
+    the test writes a byte to the FIFO ``go``: the run stays at that moment for as long as the test needs.
+    The marker file makes it happen once across restarts."""
+
+    def __init__(self, client_id: int, announce: str = "", go: str = "", hold_round: int = 1,
+                 hold_client: int = 0) -> None:
+        super().__init__(client_id)
+        self.announce, self.go, self.hold_round, self.hold_client = announce, go, hold_round, hold_client
+
+    def train(self, device: str) -> dict[str, Any]:
+        marker = Path(self.go + ".done")
+        if self.go and self.round == self.hold_round and self.client_id == self.hold_client and not marker.exists():
+            marker.touch()
+            go = os.open(self.go, os.O_RDWR)  # read-write: never EOF, so the read below waits for the test
+            try:
+                with open(self.announce, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+                os.read(go, 1)
+            finally:
+                os.close(go)
+        return super().train(device)
+
+
+class BadUpdateClient(KnownClient):
+    """Client ``bad_client`` returns an update with one ``flaw`` (``shape``, ``missing``, ``extra``, ``dtype``,
+    ``nan``, ``inf``) until the file ``fixed`` exists: its code "fixed" between a run and its resume."""
+
+    def __init__(self, client_id: int, bad_client: int = 1, flaw: str = "shape", fixed: str = "") -> None:
+        super().__init__(client_id)
+        self.bad_client, self.flaw, self.fixed = bad_client, flaw, fixed
+
+    def train(self, device: str) -> dict[str, Any]:
+        result = super().train(device)
+        if self.client_id != self.bad_client or (self.fixed and Path(self.fixed).exists()):
+            return result
+        state = dict(result["state"])
+        if self.flaw == "shape":
+            state["w"] = torch.zeros(5)
+        elif self.flaw == "missing":
+            del state["steps"]
+        elif self.flaw == "extra":
+            state["bias"] = torch.zeros(2)
+        elif self.flaw == "dtype":
+            state["w"] = state["w"].double()
+        elif self.flaw == "nan":
+            state["w"] = torch.tensor([1.0, float("nan"), 2.0, 3.0])
+        elif self.flaw == "inf":
+            state["w"] = torch.tensor([1.0, float("inf"), float("-inf"), 3.0])
+        return {**result, "state": state}
+
+
+class FailingClient(KnownClient):
+    """Clients listed in ``failing`` raise in train(): a run that ends short of ``min_clients``."""
+
+    def __init__(self, client_id: int, failing: tuple[int, ...] = (1,)) -> None:
+        super().__init__(client_id)
+        self.failing = tuple(failing)
+
+    def train(self, device: str) -> dict[str, Any]:
+        if self.client_id in self.failing:
+            raise ValueError(f"client {self.client_id} always fails")
+        return super().train(device)

@@ -2,39 +2,213 @@
 
 ```
 RUN_DIR/
+  fedsup.lock             held (flock) by the process using the run, with its pid: one run at a time
   events.jsonl            append-only, one JSON object per state change, flushed at each
   tasks/<task>/record.json   the task's TaskRecord, written atomically when it reaches an outcome (and made
                              durable against a power cut by the next commit: a round's end, the run's end)
   tasks/<task>/stdout.log    the task's output, every attempt (the task's working directory is tasks/<task>/)
   tasks/<task>/stderr.log
 ```
+
+A task's folder is its id where the id is a plain name (letters, digits, ``.``, ``_``, ``-``, at most 80
+characters, not ``.`` or ``..``); any other id gets the cleaned id, a ``+`` and 128 bits of its SHA-256. A
+plain id never holds a ``+``, so two ids never share a folder.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from fedsup.engine.errors import RunDirError
 from fedsup.engine.records import TaskRecord
 
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_PLAIN = 80
+LOCK_FILE = "fedsup.lock"
 
 
 def safe_name(task_id: str) -> str:
-    """A directory name for a task id: the id itself where it is safe, else a cleaned id plus a short hash."""
-    cleaned = _UNSAFE.sub("_", task_id)[:80]
-    if cleaned == task_id and cleaned not in (".", ".."):
-        return cleaned
-    return f"{cleaned}-{hashlib.sha1(task_id.encode()).hexdigest()[:8]}"
+    """A directory name for a task id: the id itself where it is a plain name, else the cleaned id, ``+`` and a
+    hash of the id. ``+`` is never in a plain name, so a hashed name never equals one: ids ``"a/b"`` and
+    ``"a_b"`` (or anything a hashed name looks like) get folders of their own."""
+    if task_id and len(task_id) <= _MAX_PLAIN and not _UNSAFE.search(task_id) and task_id not in (".", ".."):
+        return task_id
+    cleaned = _UNSAFE.sub("_", task_id)[:_MAX_PLAIN]
+    digest = hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{cleaned}+{digest}"
+
+
+# ---------------------------------------------------------------- the run lock
+
+
+class _Flock:
+    """One open, exclusively flock'ed ``fedsup.lock``: the kernel drops the lock when the last descriptor of it
+    closes, so a SIGKILL never leaves it stuck. Its holders count references; the last ``release`` closes it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.thread = threading.get_ident()
+        self.holders = 1
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders <= 0:
+            self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _LOCKS.pop(str(self.path.parent), None)
+            os.close(fd)
+
+    def __del__(self) -> None:  # a holder dropped without release (a RunDir never closed)
+        self.close()
+
+
+# run dir -> its lock, while this process holds it. Weak: a lock nobody holds any more is closed, not kept.
+_LOCKS: weakref.WeakValueDictionary[str, _Flock] = weakref.WeakValueDictionary()
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (the fork servers, and through them every task process) must not keep the lock alive:
+    flock belongs to the open file, which fork shares, so a task's double-forked daemon would hold the run
+    directory locked after the run is gone. Close the child's copies; the parent's lock stays."""
+    for lock in list(_LOCKS.values()):
+        fd, lock.fd = lock.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+@dataclass(frozen=True)
+class LockState:
+    """What ``fedsup.lock`` says of a run directory: whether it has one, whether a process holds it, whose."""
+
+    exists: bool
+    held: bool
+    pid: int | None
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _flock_holders(path: Path) -> list[int] | None:
+    """The pids /proc/locks shows holding a flock on ``path``; None where /proc/locks cannot be read."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and inode in fields and "->" not in fields:  # "->": a waiter, not a holder
+            at = fields.index(inode)
+            if fields[at - 1].isdigit():
+                pids.append(int(fields[at - 1]))
+    return pids
+
+
+def lock_state(run_dir: str | os.PathLike[str]) -> LockState:
+    """Whether a process is using the run directory now, by its lock, without taking the lock where the kernel
+    can say (/proc/locks), so that asking never gets in the way of a run starting."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return LockState(exists=False, held=False, pid=None)
+    held = _LOCKS.get(str(Path(run_dir).resolve()))
+    if held is not None and held.fd >= 0:
+        return LockState(exists=True, held=True, pid=os.getpid())
+    holders = _flock_holders(path)
+    if holders:
+        return LockState(exists=True, held=True, pid=_pid_in(path) or holders[0])
+    # /proc/locks unreadable, or silent (a filesystem whose device it names otherwise): ask the lock itself
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return LockState(exists=True, held=False, pid=None)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return LockState(exists=True, held=True, pid=_pid_in(path))
+    except OSError:  # no flock on this filesystem: nothing to tell
+        return LockState(exists=True, held=False, pid=None)
+    finally:
+        os.close(fd)
+    return LockState(exists=True, held=False, pid=None)
+
+
+def _in_use(run_dir: Path, pid: int | None) -> RunDirError:
+    who = "another process" if pid is None else f"pid {pid}" + (" (this process)" if pid == os.getpid() else "")
+    return RunDirError(f"{run_dir}: in use by another run: {who} holds its lock ({run_dir / LOCK_FILE}); "
+                       "wait for that run to end (or stop it), or choose another output")
+
+
+def lock_run_dir(run_dir: str | os.PathLike[str], join: bool = False) -> _Flock:
+    """Hold the run directory's lock for this run: ``fedsup.lock``, flock'ed, with this process's pid in it.
+
+    A second run on the directory, from any process, is refused with a RunDirError naming the pid that holds
+    it. ``join``: where this thread already holds it (a federated run, whose supervisor opens the same
+    directory), share that hold instead. The lock dies with the process that holds it: a SIGKILL never leaves
+    the directory locked. Call ``release()`` when the run is done.
+    """
+    path = Path(run_dir).resolve()
+    key = str(path)
+    current = _LOCKS.get(key)
+    if current is not None and current.fd >= 0:
+        if join and current.thread == threading.get_ident():
+            current.holders += 1
+            return current
+        raise _in_use(path, os.getpid())
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = _pid_in(path / LOCK_FILE)
+        if pid is None:  # the holder has the lock but has not written its pid yet
+            pid = next(iter(_flock_holders(path / LOCK_FILE) or []), None)
+        raise _in_use(path, pid) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            os.close(fd)
+            raise
+        log.warning("%s: this filesystem does not support locks (%s); nothing stops a second run here",
+                    path, exc.strerror)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    lock = _Flock(path / LOCK_FILE, fd)
+    _LOCKS[key] = lock
+    return lock
 
 
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
@@ -113,11 +287,15 @@ def read_records(run_dir: Path, folders: str = "*") -> list[TaskRecord]:
 class RunDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "tasks").mkdir(exist_ok=True)
-        events = self.path / "events.jsonl"
-        torn = events.exists() and events.stat().st_size > 0 and not events.read_bytes().endswith(b"\n")
-        self._events: IO[str] = open(events, "a", encoding="utf-8")
+        self._lock = lock_run_dir(self.path, join=True)  # one run at a time; a federated run already holds it
+        try:
+            (self.path / "tasks").mkdir(exist_ok=True)
+            events = self.path / "events.jsonl"
+            torn = events.exists() and events.stat().st_size > 0 and not events.read_bytes().endswith(b"\n")
+            self._events: IO[str] = open(events, "a", encoding="utf-8")
+        except BaseException:
+            self._lock.release()
+            raise
         if torn:  # a killed writer left half a line: end it, so that it stays the only bad line
             self._events.write("\n")
 
@@ -147,3 +325,4 @@ class RunDir:
         if not self._events.closed:
             self.commit()
             self._events.close()
+            self._lock.release()

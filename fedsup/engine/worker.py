@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from fedsup.engine.contract import UPDATE_CONTRACT, check_update
 from fedsup.engine.messages import Began, Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, StateRef, Train
 from fedsup.engine.records import ErrorInfo, ErrorKind, Phase, PhaseRecord
 
@@ -308,7 +309,8 @@ def seed_everything(seed: int, cuda: bool) -> None:
         numpy.random.seed(seed % 2**32)
 
 
-def federated_result(result: Any, method: str, state_path: str | None) -> dict[str, Any]:
+def federated_result(result: Any, method: str, state_path: str | None,
+                     contract: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check the result's shape; move the model state out of the pipe into a file."""
     import torch
 
@@ -328,6 +330,9 @@ def federated_result(result: Any, method: str, state_path: str | None) -> dict[s
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ResultContractError(f"{method}() must return {expected}: state must be a non-empty dict of "
                                   f"name -> tensor, got {type(state).__name__}")
+    problem = check_update(state, contract) if method == "train" else None
+    if problem is not None:
+        raise ResultContractError(problem)  # a broken contract: never retried, the job fails
     if state_path is not None:
         save_state(state, state_path)
         result = {**result, "state": StateRef(state_path)}
@@ -475,7 +480,8 @@ class Worker:
             else:
                 result = getattr(self.task, command.method)(command.local_device)
             if command.federated:
-                result = federated_result(result, command.method, command.state_path)
+                result = federated_result(result, command.method, command.state_path,
+                                          command.context.get(UPDATE_CONTRACT))
             if command.client_state_path is not None:
                 save_client_state(getattr(self.task, "client_state", None), command.client_state_path)
             return result

@@ -196,6 +196,7 @@ class FederationConfig(_Section):
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx: reaches every client as self.proximal_mu")
     stragglers: StragglersConfig | None = None
     dropout: float = Field(default=0.0, ge=0, lt=1, description="chance that a sampled client fails to report")
+    reject_nonfinite: bool = Field(default=True, description="fail a client whose update holds NaN or Inf")
 
     @field_validator("strategy")
     @classmethod

@@ -9,8 +9,13 @@ comes back through a file in the run directory, so a finished client's work surv
 process. Aggregation sorts updates by client and accumulates in float64: the same seed gives the same final
 model whether the run was interrupted or not.
 
+One run at a time uses a run directory: it holds ``fedsup.lock`` (flock'ed, with its pid) from before it
+reads or writes anything there until after its last ``summary.json``; a folder that holds files but no
+fedsup run is refused, never written over. Every client update is checked against the round's global model
+(keys, shapes, dtypes, finite values; ``fedsup.engine.contract``) before it is aggregated or trusted on resume.
+
 ```
-RUN_DIR/config.yaml  events.jsonl  rounds.jsonl  summary.json
+RUN_DIR/fedsup.lock  config.yaml  events.jsonl  rounds.jsonl  summary.json
         checkpoints/initial.pt  round-N.pt  final.pt      updates/round-N/client-I.pt (until round N is done)
                     round-N.strategy.pt (a strategy's state: server momentum, moments)
         tasks/<task>/record.json   tasks/client-I/{stdout,stderr}.log
@@ -36,10 +41,11 @@ import psutil
 import torch
 import yaml
 
+from fedsup.engine.contract import UPDATE_CONTRACT, check_update, describe, update_contract
 from fedsup.engine.errors import RunDirError, RunFailed, TaskContractError
 from fedsup.engine.messages import StateRef
-from fedsup.engine.records import TaskRecord
-from fedsup.engine.rundir import read_records, write_atomic, write_json
+from fedsup.engine.records import ErrorInfo, TaskRecord
+from fedsup.engine.rundir import LOCK_FILE, lock_run_dir, read_records, write_atomic, write_json
 from fedsup.engine.scheduler import Job
 from fedsup.engine.states import TaskStatus
 from fedsup.engine.supervisor import Session, Supervisor
@@ -53,6 +59,9 @@ log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 # Keys that may change between a run and its resumption: they decide how, not what, is computed.
 RESUMABLE_CHANGES = ("supervisor", "output")
+# What only fedsup writes at the top of a run directory: one of them there means the folder is a run's.
+RUN_MARKS = (LOCK_FILE, "events.jsonl", "rounds.jsonl")
+CAUSES_SHOWN = 3  # failing jobs named, with their errors, in the message of a run that fails
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class FederationSpec:
     straggler_fraction: float = 0.0
     straggler_mode: str = "partial"         # or "drop"
     dropout: float = 0.0
+    reject_nonfinite: bool = True           # an update holding NaN or Inf breaks the contract
     task_options: dict[str, Any] = field(default_factory=dict)  # estimate_memory, estimate_cuda_memory, cpus
     supervisor: dict[str, Any] = field(default_factory=dict)    # Supervisor keyword arguments
     config: dict[str, Any] | None = None                         # the resolved config, written as config.yaml
@@ -171,18 +181,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def readable(path: Path) -> bool:
-    """Whether a saved update can be used on resume; a damaged one is run again rather than trusted."""
-    if not path.exists():
-        return False
-    try:
-        torch.load(path, mmap=True, weights_only=True)
-        return True
-    except Exception as exc:  # noqa: BLE001 - any damage means the same: do the work again
-        log.warning("%s is damaged (%s); that client trains again", path, exc)
-        return False
-
-
 class SharedMemory:
     """A folder under /dev/shm (or the temp dir) for this process's broadcasts; stale ones are swept."""
 
@@ -238,6 +236,25 @@ class Federation:
     def path(self) -> Path:
         return Path(self.spec.output).resolve()  # children run in their own folders
 
+    def _refuse_foreign(self, resume: bool) -> None:
+        """Before anything is written there: a folder that holds files but no fedsup run is the user's, and a
+        run would replace what it holds (``config.yaml``, ``summary.json``); a resume needs a run."""
+        if not self.path.exists():
+            if resume:
+                raise RunDirError(f"--resume: {self.path} holds no run to resume (it does not exist)")
+            return
+        if not self.path.is_dir():
+            raise RunDirError(f"output: {self.path} exists and is not a folder")
+        if any((self.path / name).exists() for name in RUN_MARKS):
+            return
+        if resume:
+            raise RunDirError(f"--resume: {self.path} holds no run to resume")
+        entries = sorted(os.listdir(self.path))
+        if entries:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise RunDirError(f"output: {self.path} holds files but no fedsup run ({shown}); a run would write "
+                              "over them: choose an empty or a new folder")
+
     def _prepare_dir(self, resume: bool) -> int:
         """Check the run directory against ``resume``; return the last complete round (0 for none)."""
         held = (self.path / "events.jsonl").exists() or (self.path / "rounds.jsonl").exists()
@@ -270,8 +287,12 @@ class Federation:
 
     def _check_config(self) -> None:
         stored_path = self.path / "config.yaml"
-        if self.spec.config is None or not stored_path.exists():
+        if self.spec.config is None:
             return
+        if not stored_path.exists():
+            raise RunDirError(f"--resume: {stored_path} is missing, and without the run's own config fedsup "
+                              "cannot tell whether this config is the same run (another would mix two runs "
+                              "in one folder); put it back, or start a new run in another folder")
         try:
             stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
@@ -289,7 +310,18 @@ class Federation:
     # ------------------------------------------------------------ the run
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """Run (or resume) every round; return the summary that is also written to summary.json."""
+        """Run (or resume) every round; return the summary that is also written to summary.json.
+
+        Holds the run directory's lock throughout: a second run or resume of the same directory, from this
+        process or another, is refused with a RunDirError naming the pid that holds it."""
+        self._refuse_foreign(resume)
+        lock = lock_run_dir(self.path)
+        try:
+            return self._run(resume)
+        finally:
+            lock.release()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         done = self._prepare_dir(resume)
         self.client_states.recover(done)
         self._count("*")  # what earlier runs of this directory did
@@ -355,10 +387,10 @@ class Federation:
                    stragglers=len(plan.work), dropped=len(plan.dropped), dropped_out=len(plan.dropped_out))
         broadcast = self._broadcast(shm, round_, state)
         context = self._strategy_context(shm, round_, state)
-        updates = self._train(session, round_, plan, {"global_state": broadcast, **context}, result)
+        updates, failures = self._train(session, round_, plan, {"global_state": broadcast, **context}, result,
+                                        state)
         if len(updates) < self.spec.min_clients:
-            raise RunFailed(f"round {round_}: {len(updates)} client(s) finished, fewer than min_clients="
-                            f"{self.spec.min_clients}; failed: {', '.join(result.failed) or 'none'}")
+            raise self._shortfall(round_, len(updates), failures)
         reference = state if state is not None else updates[0].state
         new_state = self.spec.strategy.aggregate(reference, updates)
         save_state(new_state, self.path / "checkpoints" / f"round-{round_}.pt")
@@ -390,38 +422,111 @@ class Federation:
                 for name, value in self.spec.strategy.broadcast(state).items()}
 
     def _train(self, session: Session, round_: int, plan: RoundPlan, shared: dict[str, Any],
-               result: RoundResult) -> list[ClientUpdate]:
+               result: RoundResult, state: State | None) -> tuple[list[ClientUpdate], list[TaskRecord]]:
+        """Train the round's clients; return the updates, in client order, and the records of the jobs that
+        failed. A job whose update breaks the contract is one that failed, whoever found it (the client's
+        process, or this one reading the update back)."""
         update_dir = self.path / "updates" / f"round-{round_}"
         update_dir.mkdir(parents=True, exist_ok=True)
+        shape = describe(state) if state is not None else None
         records: dict[int, TaskRecord] = {}
+        trusted: dict[int, State] = {}
         jobs: list[tuple[int, Job]] = []
         for i in plan.train:
             task_id = self._task_id(round_, i)
             path = update_dir / f"client-{i}.pt"
+            contract = update_contract(f"client-{i}", shape, self.spec.reject_nonfinite)
             previous = session.run_dir.read_record(task_id) if session.run_dir else None
-            if previous is not None and previous.ok and readable(path):
-                records[i] = previous  # finished before the run was killed: never run twice
-                result.resumed.append(task_id)
-                continue
+            if previous is not None and previous.ok:
+                update, problem = self._trusted_update(path, contract)
+                if update is None:
+                    if path.exists():
+                        log.warning("%s; %s trains again", problem, task_id)
+                else:
+                    records[i], trusted[i] = previous, update  # finished before the run was killed: never twice
+                    result.resumed.append(task_id)
+                    continue
             context = {**shared, "round": round_, "proximal_mu": self.spec.proximal_mu,
-                       "work_fraction": plan.work_fraction(i), "client_state": self._client_state_ref(i)}
+                       "work_fraction": plan.work_fraction(i), "client_state": self._client_state_ref(i),
+                       UPDATE_CONTRACT: contract}
             jobs.append((i, Job(self.clients[i], task_id=task_id, context=context, state_path=str(path),
                                 seed=derive_seed(self.spec.seed, round_, i), federated=True,
                                 client_state_path=str(ClientStates.pending(update_dir, i)))))
         ran = session.run([job for _, job in jobs])
-        records.update((i, record) for (i, _), record in zip(jobs, ran, strict=True))
-        updates = []
+        for (i, job), record in zip(jobs, ran, strict=True):
+            records[i] = record
+            if record.ok:  # checked again here: a worker that did not check it, or a file changed since
+                update, problem = self._trusted_update(update_dir / f"client-{i}.pt", job.context[UPDATE_CONTRACT])
+                if update is None:
+                    records[i] = self._broken(session, record, problem or "no update")
+                    ClientStates.pending(update_dir, i).unlink(missing_ok=True)  # nothing of a failed job is kept
+                else:
+                    trusted[i] = update
+        if shape is None and trusted:  # no global model yet: the first client's update sets the keys
+            first = min(trusted)
+            for i in sorted(trusted)[1:]:
+                problem = check_update(trusted[i], update_contract(f"client-{i}", describe(trusted[first]), False))
+                if problem is not None:
+                    del trusted[i]
+                    records[i] = self._broken(session, records[i], f"{problem} (client-{first}'s update "
+                                              "stands for the global model in a run without initial_state)")
+                    ClientStates.pending(update_dir, i).unlink(missing_ok=True)
+        updates, failures = [], []
         for i in plan.train:
             record = records[i]
-            self._check_contract(record)
             (result.finished if record.ok else result.failed).append(record.task_id)
             if record.attempts > 1:
                 result.retried.append(record.task_id)
             if record.ok:
-                updates.append(self._update(i, record, update_dir))
+                updates.append(self._update(i, record, update_dir, trusted[i]))
+            else:
+                failures.append(record)
         result.train_metrics = weighted_metrics([(u.num_examples, u.metrics) for u in updates])
         result.num_examples = sum(u.num_examples for u in updates)
-        return updates
+        return updates, failures
+
+    @staticmethod
+    def _trusted_update(path: Path, contract: dict[str, Any]) -> tuple[State | None, str | None]:
+        """The update in ``path`` where it can be read and keeps the contract, else what is wrong with it:
+        a damaged or missing file, or a broken contract, is never aggregated or trusted on resume."""
+        try:
+            update = torch.load(path, mmap=True, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any damage means the same: the work is not trusted
+            return None, f"{path} is damaged or missing ({exc})"
+        if not isinstance(update, dict):
+            return None, f"{path}: holds a {type(update).__name__}, not a state dict"
+        problem = check_update(update, contract)
+        return (None, problem) if problem is not None else (update, None)
+
+    @staticmethod
+    def _broken(session: Session, record: TaskRecord, problem: str) -> TaskRecord:
+        """Record as failed, for the contract, a job that finished with an update this process cannot use, so
+        that ``fedsup status`` says why and ``--resume`` runs it again."""
+        error = ErrorInfo(kind="bad_result", type="fedsup.TaskContractError", message=problem, phase="train",
+                          device=record.device)
+        reason = "its update breaks the federated contract; retrying would not change it"
+        broken = record.model_copy(update={"status": TaskStatus.FAILED, "error": error, "reason": reason})
+        if broken.history:
+            last = broken.history[-1].model_copy(update={"status": TaskStatus.EXCEPTION, "error": error})
+            broken.history = [*broken.history[:-1], last]
+        if session.run_dir is not None:
+            session.run_dir.write_record(broken)
+            session.run_dir.event(task=record.task_id, attempt=record.attempts, status="FAILED",
+                                  previous="FINISHED", kind="bad_result", error=error.summary(), reason=reason)
+        return broken
+
+    def _shortfall(self, round_: int, finished: int, failures: list[TaskRecord]) -> Exception:
+        """The error that ends a round short of ``min_clients``, with its root cause: the failing jobs' errors
+        (the contract breakers first). TaskContractError (bad input, exit 2) where a client broke the
+        contract, since no retry or resume can mend that; RunFailed otherwise."""
+        broke = [r for r in failures if r.error is not None and r.error.kind == "bad_result"]
+        ordered = broke + [r for r in failures if r not in broke]
+        causes = "; ".join(f"{r.task_id}: {_cause(r)}" for r in ordered[:CAUSES_SHOWN])
+        if len(ordered) > CAUSES_SHOWN:
+            causes += f"; and {len(ordered) - CAUSES_SHOWN} more (fedsup status {self.path} lists them)"
+        message = (f"round {round_}: {finished} client(s) finished, fewer than min_clients={self.spec.min_clients};"
+                   f" {len(failures)} failed: {causes or 'none'}")
+        return TaskContractError(message) if broke else RunFailed(message)
 
     def _client_state_ref(self, client: int, update_dir: Path | None = None) -> StateRef | dict[str, Any]:
         """The client's newest state: this round's, where ``update_dir`` holds one, else its committed one."""
@@ -430,11 +535,11 @@ class Federation:
         committed = self.client_states.committed(client)
         return {} if committed is None else StateRef(str(committed))
 
-    def _update(self, client: int, record: TaskRecord, update_dir: Path) -> ClientUpdate:
+    def _update(self, client: int, record: TaskRecord, update_dir: Path, state: State) -> ClientUpdate:
         metrics = {k: v for k, v in (record.result or {}).items() if k not in ("state", "num_examples")}
         pending = ClientStates.pending(update_dir, client)
         committed = self.client_states.committed(client)
-        return ClientUpdate(client, load_state(update_dir / f"client-{client}.pt"), int(record.result["num_examples"]),
+        return ClientUpdate(client, state, int(record.result["num_examples"]),
                             metrics, client_state=load_state(pending) if pending.exists() else {},
                             previous_client_state=load_state(committed) if committed is not None else {})
 
@@ -461,6 +566,7 @@ class Federation:
 
     @staticmethod
     def _check_contract(record: TaskRecord) -> None:
+        """An evaluate() or initial_state() that broke the contract ends the run (a bug in the client class)."""
         if record.error is not None and record.error.kind == "bad_result" and not record.ok:
             raise TaskContractError(f"task {record.task_id}: {record.error.message}")
 
@@ -515,3 +621,12 @@ class Federation:
         }
         write_json(self.path / "summary.json", summary)
         return summary
+
+
+def _cause(record: TaskRecord) -> str:
+    """A failed job's root cause in one line: its last error's type and message."""
+    if record.error is None:
+        return record.reason or record.status.value
+    first = (record.error.message.strip().splitlines() or [""])[0]
+    first = first if len(first) <= 300 else first[:297] + "..."
+    return f"{record.error.type}: {first}"

@@ -40,6 +40,7 @@ def build_spec(config: RunConfig, output: str | os.PathLike[str] | None = None) 
         straggler_fraction=fed.stragglers.fraction if fed.stragglers else 0.0,
         straggler_mode=fed.stragglers.mode if fed.stragglers else "partial",
         dropout=fed.dropout,
+        reject_nonfinite=fed.reject_nonfinite,
         task_options={"estimate_memory": task.estimate_memory, "estimate_cuda_memory": task.estimate_cuda_memory,
                       "cpus": task.cpus},
         supervisor=supervisor_kwargs(config),

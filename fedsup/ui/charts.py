@@ -175,7 +175,7 @@ def render_timeline(d: Digest, run: RunData) -> str:
     note = (f'<p class="note">{sum(len(a.spans) for a in d.attempts):,} phases: phases of an attempt less than '
             f"{merged_px:g} px apart are drawn as one bar to keep the page small.</p>" if merged_px else "")
     evaluates = any(s.kind == "evaluate" for a in attempts for s in a.spans)
-    legend = _timeline_legend(6, evaluates)
+    legend = _timeline_legend(6, evaluates, cut=any(a.cut_off for a in attempts))
     return note + svg("timeline", WIDTH, y + 38, [*backgrounds, bands, *body, axis, legend],
                       "device timeline: load and train phases of every attempt, per device")
 
@@ -204,8 +204,9 @@ def _merge_spans(spans: list[Span], gap: float) -> list[Span]:
         if last is not None and last.kind == span.kind and span.start - last.end <= gap:
             last.end = max(last.end, span.end)
             last.failed, last.open = last.failed or span.failed, last.open or span.open
+            last.cut = last.cut or span.cut
         else:
-            out.append(Span(span.kind, span.start, span.end, span.failed, span.open))
+            out.append(Span(span.kind, span.start, span.end, span.failed, span.open, span.cut))
     return out
 
 
@@ -226,10 +227,11 @@ def _attempt(attempt: Attempt, y: float, row_h: float, scale: Scale, origin: flo
         parts.append(line(scale(attempt.start - origin), y + bar_h / 2, scale(attempt.end - origin), y + bar_h / 2,
                           "wait"))
     parts.extend(_bars(attempt.spans, y, bar_h, scale, origin))
+    parts.extend(_cut_mark(scale(s.end - origin), y, bar_h) for s in attempt.spans if s.cut)
     if attempt.failed_at is not None:
         parts.append(_cross(scale(attempt.failed_at - origin), y + bar_h / 2, min(bar_h, 10.0)))
     parts.append(_attempt_label(attempt, y, bar_h, scale, origin))
-    cls = "attempt failed" if attempt.failed else "attempt"
+    cls = "attempt" + (" failed" if attempt.failed else "") + (" cut-off" if attempt.cut_off else "")
     return (f'<g class="{cls}" data-task="{esc(attempt.task)}" data-attempt="{attempt.number}">'
             + "".join(parts) + "</g>")
 
@@ -240,9 +242,15 @@ def _bars(spans: list[Span], y: float, bar_h: float, scale: Scale, origin: float
     for span in spans:
         x0 = scale(span.start - origin)
         width = max(scale(span.end - origin) - x0, 1.5)
-        cls = f"bar {span.kind}" + (" failed" if span.failed else "") + (" open" if span.open else "")
+        cls = (f"bar {span.kind}" + (" failed" if span.failed else "") + (" open" if span.open else "")
+               + (" cut" if span.cut else ""))
         shapes.setdefault(cls, []).append(f"M{num(x0)} {num(y)}h{num(width)}v{num(bar_h)}h{num(-width)}z")
     return [f'<path class="{cls}" d="{"".join(d)}"/>' for cls, d in shapes.items()]
+
+
+def _cut_mark(x: float, y: float, bar_h: float) -> str:
+    """A bar across the end of a phase the supervisor's death cut off: nothing is known after it."""
+    return f'<path class="cut-mark" d="M{num(x)} {num(y - 2)}V{num(y + bar_h + 2)}"/>'
 
 
 def _cross(x: float, y: float, size: float) -> str:
@@ -265,7 +273,9 @@ def _attempt_title(attempt: Attempt, origin: float) -> str:
     lines = [f"{attempt.task} · attempt {attempt.number} · {attempt.device or 'not placed'} · {attempt.status}"]
     for span in attempt.spans[:MAX_TITLE_PHASES]:
         what = "process start" if span.kind == "start" else f"{span.kind}()"
-        tail = " (still running when the log ends)" if span.open else (" (failed)" if span.failed else "")
+        tail = (" (still running when the log ends)" if span.open else
+                " (cut off: the supervisor was killed; the log has nothing more of it)" if span.cut else
+                " (failed)" if span.failed else "")
         lines.append(f"{what}: {span.start - origin:.2f}–{span.end - origin:.2f} s, "
                      f"{fmt_seconds(span.end - span.start)}{tail}")
     if len(attempt.spans) > MAX_TITLE_PHASES:
@@ -310,16 +320,19 @@ def _time_axis(scale: Scale, y: float) -> str:
     return "".join(parts)
 
 
-def _timeline_legend(y: float, evaluates: bool) -> str:
+def _timeline_legend(y: float, evaluates: bool, cut: bool = False) -> str:
     items = [("process start", START_COLOUR, ""), ("load", LOAD_COLOUR, ""), ("train", TRAIN_COLOUR, "")]
     items += [("evaluate", EVAL_COLOUR, "")] if evaluates else []
     items += [("failed attempt", TRAIN_COLOUR, ' class="bar failed"'),
               ("still running when the log ends", "#ffffff", ' class="bar open"')]
+    items += [("cut off: the supervisor was killed", TRAIN_COLOUR, ' class="bar cut"')] if cut else []
     parts, x = [], LANE_LABEL
     for label, colour, extra in items:
         parts.append(rect(x, y, 22, 12, colour, extra))
         if "failed" in extra:
             parts.append(_cross(x + 11, y + 6, 8))
+        if "cut" in extra:
+            parts.append(_cut_mark(x + 22, y, 12))
         parts.append(text(x + 28, y + 10, label, "legend"))
         x += 40 + text_width(label, 11)
     return f'<g class="legend">{"".join(parts)}</g>'

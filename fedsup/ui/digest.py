@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from fedsup.engine.errors import ConfigError
 from fedsup.engine.records import AttemptRecord, PhaseRecord, TaskRecord
+from fedsup.engine.rundir import LockState, lock_state
 from fedsup.engine.units import format_bytes
 
 OUTCOMES = ("FINISHED", "FAILED", "CANCELLED")
@@ -28,6 +29,7 @@ PHASE_OF = {"LOADING": "load", "TRAINING": "train"}
 MAX_CONFIG_CHARS = 64_000
 MAX_ERROR_CHARS = 400
 SLOWEST = 10
+FAILURES_SHOWN = 5  # failed tasks named, with their errors, in the text summary
 CLIENT_STATE_FILE = re.compile(r"^client-(\d+)\.round-(\d+)\.pt$")
 STRATEGY_STATE_FILE = re.compile(r"^round-(\d+)\.strategy\.pt$")
 
@@ -46,6 +48,7 @@ class RunData:
     rounds: list[dict[str, Any]]
     summary: dict[str, Any] | None
     config: str | None
+    lock: LockState = field(default_factory=lambda: LockState(exists=False, held=False, pid=None))
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -64,6 +67,7 @@ def load_run(run_dir: str | Path) -> RunData:
                         key=lambda r: r["round"])
     run.summary = _read_summary(run)
     run.config = _read_config(run)
+    run.lock = lock_state(path)
     return run
 
 
@@ -147,6 +151,7 @@ class Span:
     end: float
     failed: bool = False
     open: bool = False   # the log ends before the phase did
+    cut: bool = False    # the supervisor died (SIGKILL) during the phase: it ends at the last event before resume
 
 
 @dataclass
@@ -174,10 +179,27 @@ class Attempt:
     def failed(self) -> bool:
         return self.failed_at is not None
 
+    @property
+    def cut_off(self) -> bool:
+        return any(s.cut for s in self.spans)
 
-def _attempts_from_events(events: list[dict[str, Any]], log_end: float) -> list[Attempt]:
+
+def _attempts_from_events(events: list[dict[str, Any]], log_end: float,
+                          cuts: list[tuple[float, float]] | None = None) -> list[Attempt]:
+    """``cuts``: (a resume's ``run_started`` time, the last event's before it), in order. At each, the
+    attempts of the run before are done: a phase still open was cut off by the supervisor's death."""
     attempts: dict[tuple[str, int], Attempt] = {}
+    ended: list[Attempt] = []
+    pending = sorted(cuts or [])
     for event in events:
+        while pending and pending[0][0] <= float(event["time"]):
+            last = pending.pop(0)[1]
+            for before in attempts.values():
+                if before.spans and before.spans[-1].end == math.inf:
+                    _close(before, last)
+                    before.spans[-1].cut = True
+            ended += attempts.values()
+            attempts = {}  # the resumed run's jobs start their attempts anew, maybe with the same numbers
         key = (str(event["task"]), whole(event.get("attempt")))
         attempt = attempts.get(key)
         if attempt is None:
@@ -185,7 +207,7 @@ def _attempts_from_events(events: list[dict[str, Any]], log_end: float) -> list[
         _apply(attempt, event)
     for attempt in attempts.values():
         _close(attempt, log_end, still_open=True)
-    return list(attempts.values())
+    return ended + list(attempts.values())
 
 
 def whole(value: Any) -> int:
@@ -268,14 +290,29 @@ def _refine(attempt: Attempt, record: TaskRecord | None) -> None:
 
 def build_attempts(run: RunData) -> list[Attempt]:
     """Every attempt with something to draw: from the event log, or from a record where the log has none."""
-    attempts = _attempts_from_events(run.events, _log_end(run))
+    attempts = _attempts_from_events(run.events, _log_end(run), _resumes(run))
     for attempt in attempts:
-        _refine(attempt, run.records.get(attempt.task))
+        if not attempt.cut_off:  # the record tells of the attempt that ran after the resume
+            _refine(attempt, run.records.get(attempt.task))
     logged = {str(e["task"]) for e in run.events}
     for task, record in run.records.items():
         if task not in logged:
             attempts.extend(_attempts_from_record(record))
     return [a for a in attempts if a.spans or a.failed_at is not None]
+
+
+def _resumes(run: RunData) -> list[tuple[float, float]]:
+    """Each later ``run_started`` (a start after the first: a resume) with the time of the last event before it."""
+    times = sorted(float(e["time"]) for e in run.events + run.run_events if is_number(e.get("time")))
+    starts = sorted(float(e["time"]) for e in run.run_events
+                    if e.get("event") == "run_started" and is_number(e.get("time")))
+    cuts, i = [], 0
+    for start in starts:
+        while i < len(times) and times[i] < start:
+            i += 1
+        if i:
+            cuts.append((start, times[i - 1]))
+    return cuts
 
 
 def _log_end(run: RunData) -> float:
@@ -298,6 +335,7 @@ class TaskView:
     estimate_memory: int
     reason: str | None
     failures: list[Attempt]
+    error: dict[str, Any] | None = None   # the last attempt's error: kind, type, message
 
 
 def build_tasks(run: RunData, attempts: list[Attempt]) -> list[TaskView]:
@@ -327,7 +365,22 @@ def _task_view(task: str, record: TaskRecord | None, events: list[dict[str, Any]
         estimate_memory=record.estimate_memory if record else 0,
         reason=_reason(events, record),
         failures=[a for a in attempts if a.failed],
+        error=_last_error(record, attempts),
     )
+
+
+def _last_error(record: TaskRecord | None, attempts: list[Attempt]) -> dict[str, Any] | None:
+    """The root cause of a task that did not finish: its record's last error, else the event log's."""
+    if record is not None and record.error is not None and not record.ok:
+        first = (record.error.message.strip().splitlines() or [""])[0]
+        return {"kind": record.error.kind, "type": record.error.type, "message": first[:MAX_ERROR_CHARS]}
+    failed = [a for a in attempts if a.failed and a.error]
+    if record is None and failed:
+        last = failed[-1]
+        kind, text = last.kind, str(last.error)
+        type_, _, message = text.partition(": ")
+        return {"kind": kind, "type": type_ if message else None, "message": (message or text)[:MAX_ERROR_CHARS]}
+    return None
 
 
 def _status_from_events(events: list[dict[str, Any]]) -> str:
@@ -423,6 +476,18 @@ def _planned_rounds(run: RunData) -> int:
 
 
 def _run_status(run: RunData, tasks: list[TaskView]) -> tuple[str, str]:
+    """The run's status, and what says so. The run's lock decides whether it is running: a run killed
+    (SIGKILL, a power cut) leaves "running" in summary.json but holds the lock no more."""
+    if run.lock.held:
+        return "running", f"the run's lock, held by pid {run.lock.pid}" if run.lock.pid else "the run's lock"
+    status, source = _recorded_status(run, tasks)
+    if run.lock.exists and status in ("running", "incomplete"):
+        said = source.split(" (")[0]
+        return "killed", f"the run's lock: no process holds it, though {said} says {status}; --resume continues it"
+    return status, source
+
+
+def _recorded_status(run: RunData, tasks: list[TaskView]) -> tuple[str, str]:
     if run.summary and isinstance(run.summary.get("status"), str):
         return run.summary["status"], "summary.json"
     ends = [e for e in run.run_events if e.get("event") == "run_finished" and isinstance(e.get("status"), str)]
@@ -487,8 +552,10 @@ def json_summary(run: RunData) -> dict[str, Any]:
         "attempts": sum(t.attempts for t in d.tasks),
         "final_metrics": d.final_metrics,
         "slowest": [{"task": t.task, "duration": t.duration} for t in slowest(d.tasks)],
-        "failures": [{"task": t.task, "status": t.status, "attempts": t.attempts, "reason": t.reason}
-                   for t in d.tasks if t.status in ("FAILED", "CANCELLED")],
+        "running_pid": run.lock.pid if run.lock.held else None,
+        "failures": [{"task": t.task, "status": t.status, "attempts": t.attempts, "reason": t.reason,
+                      "error": t.error}
+                     for t in d.tasks if t.status in ("FAILED", "CANCELLED")],
         "heterogeneity": heterogeneity(run),
         "kept_state": kept_state(run),
         "missing": list(run.missing),
@@ -551,6 +618,14 @@ def text_summary(run: RunData) -> str:
     if s["slowest"]:
         slow = ", ".join(f"{t['task']} {fmt_seconds(t['duration'])}" for t in s["slowest"][:5])
         lines.append(f"slowest tasks: {slow}")
+    failed = [f for f in s["failures"] if f["status"] == "FAILED"]
+    for failure in failed[:FAILURES_SHOWN]:
+        error = failure["error"]
+        cause = (f"{error['type']}: {error['message']}" if error and error["type"] else
+                 error["message"] if error else failure["reason"] or "no error recorded")
+        lines.append(f"failed: {failure['task']} ({failure['attempts']} attempt(s)): {cause}")
+    if len(failed) > FAILURES_SHOWN:
+        lines.append(f"failed: and {len(failed) - FAILURES_SHOWN} more (--json lists them all)")
     for problem in s["problems"]:
         lines.append(f"note: {problem}")
     if s["missing"]:

@@ -203,5 +203,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the HTML report (to RUN_DIR/report.html unless ``out`` is given), atomically; return its path."""
     run = load_run(run_dir)
     target = Path(out) if out is not None else Path(run_dir) / "report.html"
-    write_atomic(target, render_html(run).encode("utf-8"))
+    page = render_html(run).encode("utf-8")
+    try:  # through a symlink to the file it names (a loop is an error), not over the link
+        write_atomic(target.resolve(), page)
+    except OSError as exc:  # name the page, not the temporary file beside it
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
     return target

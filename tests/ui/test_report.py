@@ -136,13 +136,16 @@ def test_engine_run_summaries(engine_run: Path) -> None:
                                 "retried": 2}
     assert summary["attempts"] == 5
     assert summary["failures"] == [{"task": "broken", "status": "FAILED", "attempts": 2,
-                                  "reason": "failed 2 times (max_retries=1)"}]
+                                  "reason": "failed 2 times (max_retries=1)",
+                                  "error": {"kind": "exception", "type": "ValueError",
+                                            "message": "always <broken> & never fixed"}}]
     assert {"rounds.jsonl", "summary.json", "config.yaml"} <= set(summary["missing"])
     assert json.loads(json.dumps(summary)) == summary
     text = digest.text_summary(run)
     assert "run run: finished" in text
     assert "2 finished, 1 failed" in text and "2 retried, 5 attempts" in text
     assert "slowest tasks: " in text and "CPU time:" in text and "wall time:" in text
+    assert "failed: broken (2 attempt(s)): ValueError: always <broken> & never fixed" in text
 
 
 def test_engine_run_page(engine_run: Path) -> None:
@@ -378,3 +381,42 @@ def test_browser_renders_the_engine_page(chromium: str, engine_run: Path, tmp_pa
     assert len(colours) > 300
     for name in ("LOAD_COLOUR", "TRAIN_COLOUR", "HOST_COLOUR"):
         assert colours.get(_rgb(getattr(charts, name)), 0) > 50, f"{name} is not on the screen"
+
+
+def test_a_phase_cut_off_by_a_supervisor_kill_ends_before_the_resume(tmp_path: Path) -> None:
+    """The log of a supervisor SIGKILLed mid-train, then resumed: the train phase ends at the last event
+    before the resume and is marked cut off; the resumed run's attempt of the same job is its own."""
+    def task(when: float, status: str, name: str = "round-2.client-0", **info: object) -> dict[str, object]:
+        return {"time": T0 + when, "task": name, "attempt": 1, "status": status, **info}
+
+    events = [{"time": T0, "event": "run_started", "resume": False, "from_round": 1},
+              task(1, "AVAILABLE"), task(1, "LOADING"), task(2, "WAITING"), task(2, "TRAINING", device="cpu"),
+              task(3, "AVAILABLE", "round-2.client-1"), task(3.5, "LOADING", "round-2.client-1"),
+              {"time": T0 + 60, "event": "run_started", "resume": True, "from_round": 2},
+              task(61, "AVAILABLE"), task(61, "LOADING"), task(62, "WAITING"), task(62, "TRAINING", device="cpu"),
+              task(64, "FINISHED", device="cpu")]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    run = digest.load_run(tmp_path)
+    cut, resumed = [a for a in digest.build_attempts(run) if a.task == "round-2.client-0"]
+    assert [(s.kind, s.start - T0, s.end - T0, s.cut) for s in cut.spans] == [
+        ("load", 1, 2, False), ("train", 2, 3.5, True)]
+    assert cut.cut_off and not cut.failed and not any(s.open for s in cut.spans)
+    assert not resumed.cut_off and resumed.start == T0 + 61 and resumed.status == "FINISHED"
+    other = next(a for a in digest.build_attempts(run) if a.task == "round-2.client-1")
+    assert other.spans[-1].cut and other.end == T0 + 3.5  # the load it was in when the supervisor died
+    page = parse(report.render_html(run))
+    assert len(page.find("g", "cut-off")) == 2 and len(page.find("path", "cut-mark")) == 3  # 2 + the legend's
+    assert "cut off: the supervisor was killed" in page.texts
+
+
+def test_a_resume_after_an_orderly_stop_cuts_nothing(tmp_path: Path) -> None:
+    events = [{"time": T0, "event": "run_started"},
+              {"time": T0 + 1, "task": "a", "attempt": 1, "status": "TRAINING", "device": "cpu"},
+              {"time": T0 + 2, "task": "a", "attempt": 1, "status": "CANCELLED", "reason": "stopped by SIGINT"},
+              {"time": T0 + 9, "event": "run_started"},
+              {"time": T0 + 10, "task": "a", "attempt": 1, "status": "TRAINING", "device": "cpu"},
+              {"time": T0 + 11, "task": "a", "attempt": 1, "status": "FINISHED", "device": "cpu"}]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    attempts = digest.build_attempts(digest.load_run(tmp_path))
+    assert [(a.spans[0].start - T0, a.end - T0, a.cut_off) for a in attempts] == [(1, 2, False), (10, 11, False)]
+    assert "cut off" not in report.render_html(digest.load_run(tmp_path))
