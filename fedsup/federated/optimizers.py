@@ -208,16 +208,22 @@ class _FedOpt(_ServerOptimizer):
         aggregate: torch.Tensor,
         pending: dict[str, dict[str, torch.Tensor]],
     ) -> torch.Tensor:
-        delta = aggregate - current
-        m_t = self._buffer("m_t", key, current)
-        v_t = self._buffer("v_t", key, current)
-        m_t = self.beta_1 * (torch.zeros_like(delta) if m_t is None else m_t) + (1 - self.beta_1) * delta
-        v_t = self._second_moment(torch.zeros_like(delta) if v_t is None else v_t, delta)
+        # Flower's numpy expressions, operation for operation; written in place where a temporary would be
+        # one more key-sized float64 tensor (each operation still rounds once, so the bits are the same).
+        delta = aggregate.sub_(current)  # the aggregate is this round's own tensor
+        m_old = self._buffer("m_t", key, current)
+        v_old = self._buffer("v_t", key, current)
+        m_t = (torch.zeros_like(delta) if m_old is None else m_old) * self.beta_1
+        m_t.add_(delta * (1 - self.beta_1))
+        v_t = self._second_moment(torch.zeros_like(delta) if v_old is None else v_old, delta)
+        del delta
         pending["m_t"][key] = m_t
         pending["v_t"][key] = v_t
-        # Flower's numpy expression, operation for operation. Results still differ from Flower's in the last
-        # bit now and then: torch's CPU float64 sqrt is not always correctly rounded (numpy's is).
-        return current + self._step_size(round_number) * m_t / (torch.sqrt(v_t) + self.tau)
+        # current + step * m_t / (sqrt(v_t) + tau). Results still differ from Flower's in the last bit now and
+        # then: torch's CPU float64 sqrt is not always correctly rounded (numpy's is).
+        step = m_t * self._step_size(round_number)
+        step.div_(torch.sqrt(v_t).add_(self.tau))
+        return step.add_(current)
 
     def _second_moment(self, v_t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -253,7 +259,9 @@ class FedAdam(_FedOpt):
         super().__init__(eta=eta, eta_l=eta_l, beta_1=beta_1, beta_2=beta_2, tau=tau)
 
     def _second_moment(self, v_t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self.beta_2 * v_t + (1 - self.beta_2) * (delta * delta)
+        # beta_2 * v_t + (1 - beta_2) * (delta * delta)
+        square = delta * delta
+        return (v_t * self.beta_2).add_(square.mul_(1 - self.beta_2))
 
     def _step_size(self, round_number: int) -> float:
         # math.pow is correctly rounded on every machine; numpy's power can be an ulp away (so Flower's can).
@@ -278,8 +286,11 @@ class FedYogi(_FedOpt):
         super().__init__(eta=eta, eta_l=eta_l, beta_1=beta_1, beta_2=beta_2, tau=tau)
 
     def _second_moment(self, v_t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        # v_t - (1 - beta_2) * square * sign(v_t - square)
         square = delta * delta
-        return v_t - (1.0 - self.beta_2) * square * torch.sign(v_t - square)
+        change = (v_t - square).sign_()
+        change.mul_(square.mul_(1.0 - self.beta_2))
+        return v_t - change
 
 
 class FedAdagrad(_FedOpt):
@@ -291,7 +302,7 @@ class FedAdagrad(_FedOpt):
         super().__init__(eta=eta, eta_l=eta_l, beta_1=0.0, beta_2=0.0, tau=tau)
 
     def _second_moment(self, v_t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return v_t + delta * delta
+        return (delta * delta).add_(v_t)  # v_t + delta * delta
 
     def __repr__(self) -> str:
         return f"FedAdagrad(eta={self.eta!r}, eta_l={self.eta_l!r}, tau={self.tau!r})"

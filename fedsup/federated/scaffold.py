@@ -21,6 +21,7 @@ import torch
 
 from fedsup.federated.algorithms import CONTROL_PREFIX
 from fedsup.federated.strategies import (
+    BLOCK_ELEMENTS,
     ClientUpdate,
     State,
     Strategy,
@@ -28,8 +29,10 @@ from fedsup.federated.strategies import (
     cast_like,
     checked,
     describe,
+    flat_piece,
     max_of,
     positive_option,
+    spans,
 )
 
 
@@ -63,8 +66,7 @@ class Scaffold(Strategy):
                 result[key] = max_of(key, reference, ordered)
                 continue
             x = reference.to(torch.float64)
-            drift = sum((u.state[key].to(reference.device, torch.float64) - x for u in ordered),
-                        torch.zeros_like(x)) / len(ordered)
+            drift = _mean_drift(key, x, ordered)
             result[key] = cast_like(x + self.server_learning_rate * drift, reference)
             control[key] = self._control(key, reference) + self._control_change(key, reference, ordered)
         self.control = control  # only once every key has succeeded: a failed round changes nothing
@@ -99,3 +101,20 @@ class Scaffold(Strategy):
 
     def __repr__(self) -> str:
         return f"Scaffold(server_learning_rate={self.server_learning_rate!r})"
+
+
+def _mean_drift(key: str, x: torch.Tensor, ordered: Sequence[ClientUpdate]) -> torch.Tensor:
+    """``mean_i(y_i - x)`` for one key in float64: one pass, a cache-sized block of coordinates at a time.
+
+    Per coordinate the same operations in the same order as summing ``(y_i - x)`` from zero, client by client.
+    """
+    numel = x.numel()
+    flat_x = x.reshape(-1)
+    total = torch.zeros(numel, dtype=torch.float64, device=x.device)
+    scratch = torch.empty(min(numel, BLOCK_ELEMENTS), dtype=torch.float64, device=x.device)
+    for start, stop in spans(numel, BLOCK_ELEMENTS):
+        block, term = total[start:stop], scratch[: stop - start]
+        for update in ordered:
+            term.copy_(flat_piece(update.state[key], start, stop)).sub_(flat_x[start:stop])
+            block.add_(term)
+    return total.view(x.shape) / len(ordered)

@@ -19,6 +19,12 @@ a mean would invent values no client holds: every built-in strategy takes their 
 
 Inputs are never modified, so updates may hold read-only tensors mapped from disk
 (``torch.load(mmap=True)``). The result holds new tensors on the global state's devices.
+
+Memory stays bounded whatever the number of clients: FedAvg reads the updates in one streaming pass, a
+cache-sized block of coordinates at a time, and keeps no float64 copy of the model; the median and the
+trimmed mean (and the robust rules) stack the clients' values for ``CHUNK_BYTES`` of float64 at a time,
+never all n updates of a whole key. Every coordinate is computed from its own values only, so the chunk
+size never changes a result.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,8 +45,18 @@ State = dict[str, torch.Tensor]
 # What state_dict returns and load_state_dict takes: plain values and float64 tensors, torch.save-able.
 StrategyState = dict[str, Any]
 
-# Combines one key's float64 tensors, stacked in client_id order, with the matching num_examples.
+# Combines a chunk of one key's coordinates: a float64 tensor of shape (clients, coordinates), rows in
+# client_id order, with the matching num_examples; returns a float64 tensor of shape (coordinates,).
 Reducer = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+# How much float64 one chunk holds, all clients together: the robust rules' working set is a small multiple
+# of it (the sort's values and indices, a transposed copy), never the n clients' whole keys. Read at each
+# call, so it can be changed at run time.
+CHUNK_BYTES = 4 * 2**20
+
+# Coordinates per block of the streaming mean: its accumulator and scratch stay in the CPU's cache while
+# every client's block is added, so the pass costs about what reading the updates costs.
+BLOCK_ELEMENTS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -131,34 +147,102 @@ class TrimmedMean(Strategy):
 def combine(global_state: State, updates: Sequence[ClientUpdate], reducer: Reducer) -> State:
     """Check ``updates`` against ``global_state``, then combine every key: floats with ``reducer``, the rest by max.
 
-    ``reducer`` receives one key's values as a float64 tensor stacked along dim 0 in ``client_id`` order,
-    and the clients' ``num_examples`` in the same order; it returns a float64 tensor of one client's shape.
+    ``reducer`` receives a chunk of one key's coordinates (the key flattened), as a float64 tensor of shape
+    (clients, coordinates) with one row per client in ``client_id`` order, and the clients' ``num_examples``
+    in the same order; it returns the chunk's combined values, a float64 tensor of shape (coordinates,).
+    It must treat every coordinate on its own: chunks hold about ``CHUNK_BYTES`` of float64.
     """
     ordered = checked(global_state, updates)
     weights = [update.num_examples for update in ordered]
     result: State = {}
     for key, reference in global_state.items():
-        values = [update.state[key].to(reference.device) for update in ordered]
-        if reference.is_floating_point():
-            combined = reducer(torch.stack([value.to(torch.float64) for value in values]), weights)
-        else:
-            combined = torch.stack([value.to(reference.dtype) for value in values]).amax(dim=0)
-        result[key] = combined.to(reference.dtype).contiguous()
+        if not reference.is_floating_point():
+            result[key] = max_of(key, reference, ordered)
+            continue
+        combined = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
+        flat = combined.view(-1)
+        for start, stop, values in stacked_chunks(key, reference, ordered):
+            flat[start:stop] = reducer(values, weights)
+        result[key] = combined
     return result
 
 
+def stacked_chunks(
+    key: str, reference: torch.Tensor, ordered: Sequence[ClientUpdate], columns: int | None = None
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, values)`` for consecutive coordinate ranges of ``key`` flattened.
+
+    ``values`` is float64 of shape (clients, stop - start), one row per update in order, on the reference's
+    device; ``columns`` (default: what fits in ``CHUNK_BYTES``) bounds its width. A fresh tensor each time.
+    """
+    rows = len(ordered)
+    width = columns if columns is not None else max(1, CHUNK_BYTES // (8 * max(rows, 1)))
+    for start, stop in spans(reference.numel(), width):
+        pieces = [flat_piece(update.state[key], start, stop).to(reference.device) for update in ordered]
+        values = torch.empty((rows, stop - start), dtype=torch.float64, device=reference.device)
+        # One call converts and copies every client's slice: no per-client float64 temporaries.
+        yield start, stop, torch.stack(pieces, out=values)
+
+
+def spans(numel: int, width: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` ranges of at most ``width`` covering ``range(numel)``."""
+    for start in range(0, numel, width):
+        yield start, min(start + width, numel)
+
+
+def flat_piece(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Elements ``start:stop`` of ``tensor`` flattened in row-major order, without copying the whole tensor.
+
+    A view when the tensor is contiguous (as loaded or mapped from disk) or has at most one dimension;
+    otherwise a copy of at most the rows that the range touches, or of the range itself.
+    """
+    if tensor.dim() <= 1 or tensor.is_contiguous():
+        return tensor.reshape(-1)[start:stop]
+    row = tensor[0].numel()
+    first, last = start // row, -(-stop // row)
+    if row < stop - start:
+        # The range spans several rows: copy only those (under three times the range).
+        return tensor[first:last].reshape(-1)[start - first * row : stop - first * row]
+    # Rows longer than the range: it lies within one or two of them.
+    parts = [
+        flat_piece(tensor[index], max(start, index * row) - index * row, min(stop, (index + 1) * row) - index * row)
+        for index in range(first, last)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _median(values: torch.Tensor, weights: list[int]) -> torch.Tensor:
-    ordered = values.sort(dim=0).values
+    return median_of(values)
+
+
+def median_of(values: torch.Tensor) -> torch.Tensor:
+    """Per column of ``values`` (clients, coordinates), the median; even counts average the middle two."""
+    # kthvalue selects without sorting each column; NaN counts as the largest value, as in a sort.
     count = values.shape[0]
     middle = count // 2
+    upper = values.kthvalue(middle + 1, dim=0).values
     if count % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2
+        return upper
+    return (values.kthvalue(middle, dim=0).values + upper) / 2
 
 
 def _trimmed_mean(values: torch.Tensor, trim: int) -> torch.Tensor:
-    kept = values.sort(dim=0).values[trim : values.shape[0] - trim]
-    return kept.mean(dim=0)
+    # Sorted along a contiguous dimension (several times faster than along dim 0), then summed in order.
+    ordered = values.T.contiguous().sort(dim=1).values
+    kept = ordered[:, trim : values.shape[0] - trim].T.contiguous()
+    return sum_rows(kept) / kept.shape[0]
+
+
+def sum_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Per column, ``((rows[0] + rows[1]) + rows[2]) + ...``: the association of numpy's sum along axis 0.
+
+    Written out so that a column's sum depends on its own values only: torch's reduction along dim 0
+    associates a column differently depending on where it falls among the tensor's columns (and threads).
+    """
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total.add_(row)
+    return total
 
 
 def checked(global_state: State, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
@@ -235,17 +319,30 @@ def count_option(option: str, value: object, minimum: int) -> int:
 
 
 def mean64(key: str, reference: torch.Tensor, ordered: Sequence[ClientUpdate]) -> torch.Tensor:
-    """One key's ``num_examples``-weighted mean in float64, reading one client at a time.
+    """One key's ``num_examples``-weighted mean in float64, in one streaming pass over the updates.
 
-    The same operations in the same order as ``_weighted_mean`` did before it: multiply, then add,
-    each rounded once, in client_id order, then one division; so the result is bit-identical to FedAvg's.
+    Per coordinate: multiply, then add, each rounded once, in client_id order, then one division; so the
+    result is bit-identical to FedAvg's.
     """
-    total: torch.Tensor | None = None
-    for update in ordered:
-        term = update.state[key].to(reference.device).to(torch.float64) * update.num_examples
-        total = term if total is None else total + term
-    assert total is not None  # _checked rejects an empty round
-    return total / sum(update.num_examples for update in ordered)
+    numel = reference.numel()
+    total = torch.empty(numel, dtype=torch.float64, device=reference.device)
+    scratch = torch.empty(min(numel, BLOCK_ELEMENTS), dtype=torch.float64, device=reference.device)
+    for start, stop in spans(numel, BLOCK_ELEMENTS):
+        _weighted_total(key, ordered, start, stop, total[start:stop], scratch[: stop - start])
+    return total.div_(sum(update.num_examples for update in ordered)).view(reference.shape)
+
+
+def _weighted_total(
+    key: str, ordered: Sequence[ClientUpdate], start: int, stop: int, total: torch.Tensor, scratch: torch.Tensor
+) -> None:
+    """``total = sum(x[start:stop] * num_examples)`` over ``ordered``, in order, in place (float64)."""
+    assert ordered  # checked() rejects an empty round
+    first, *rest = ordered
+    total.copy_(flat_piece(first.state[key], start, stop)).mul_(first.num_examples)
+    for update in rest:
+        # copy_ converts (and moves) the client's block; mul_ and add_ round once each, as x * n + total.
+        scratch.copy_(flat_piece(update.state[key], start, stop)).mul_(update.num_examples)
+        total.add_(scratch)
 
 
 def max_of(key: str, reference: torch.Tensor, ordered: Sequence[ClientUpdate]) -> torch.Tensor:
@@ -264,18 +361,27 @@ def cast_like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def streaming_weighted_mean(global_state: State, updates: Sequence[ClientUpdate]) -> State:
-    """``FedAvg().aggregate(global_state, updates)``, bit for bit, without stacking the updates.
+    """``FedAvg().aggregate(global_state, updates)``: one pass over the updates, none of them stacked.
 
-    Peak extra memory is one float64 accumulator (plus one converted client tensor) for the key at hand,
-    instead of all n clients' tensors in float64.
+    Extra memory: the result and two cache-sized float64 blocks; no float64 copy of any key.
     """
     ordered = checked(global_state, updates)
+    total_examples = sum(update.num_examples for update in ordered)
     result: State = {}
     for key, reference in global_state.items():
-        if reference.is_floating_point():
-            result[key] = cast_like(mean64(key, reference, ordered), reference)
-        else:
+        if not reference.is_floating_point():
             result[key] = max_of(key, reference, ordered)
+            continue
+        out = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
+        flat = out.view(-1)
+        width = min(reference.numel(), BLOCK_ELEMENTS)
+        total = torch.empty(width, dtype=torch.float64, device=reference.device)
+        scratch = torch.empty_like(total)
+        for start, stop in spans(reference.numel(), BLOCK_ELEMENTS):
+            block = total[: stop - start]
+            _weighted_total(key, ordered, start, stop, block, scratch[: stop - start])
+            flat[start:stop] = block.div_(total_examples)
+        result[key] = out
     return result
 
 

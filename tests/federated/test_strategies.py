@@ -4,6 +4,7 @@ right on hand-computed cases; dtypes survive; integer tensors take the max; bad 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsup.engine.errors import ConfigError
+from fedsup.federated import robust as robust_module
+from fedsup.federated import strategies as strategies_module
 from fedsup.federated.registry import make_strategy
+from fedsup.federated.robust import Bulyan, Krum, MultiKrum, squared_distances
 from fedsup.federated.strategies import (
     ClientUpdate,
     FedAvg,
@@ -23,6 +27,7 @@ from fedsup.federated.strategies import (
     State,
     Strategy,
     TrimmedMean,
+    flat_piece,
     weighted_metrics,
 )
 
@@ -401,3 +406,192 @@ def test_weighted_metrics_edge_cases() -> None:
     assert weighted_metrics([(3, {"acc": np.float32(0.5), "n": np.int64(2)})]) == {"acc": 0.5, "n": 2.0}
     with pytest.raises(ValueError, match=r"num_examples: must be a non-negative integer, got -1"):
         weighted_metrics([(-1, {"loss": 1.0})])
+
+
+# Bounded memory: every rule works a chunk of coordinates at a time, and the chunk size changes no bit
+
+
+def odd_updates(count: int, seed: int = 0) -> tuple[State, list[ClientUpdate]]:
+    """Keys of awkward shapes and dtypes, some client tensors non-contiguous, client ids out of order."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"conv": (5, 3, 3, 2), "odd": (7, 13), "scalar": (), "one": (1,), "empty": (0, 4), "long": (257,)}
+    global_state: State = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    global_state["half"] = torch.randn(3, 11, generator=generator).to(torch.bfloat16)
+    global_state["steps"] = torch.tensor(0)
+    global_state["mask"] = torch.zeros(6, dtype=torch.bool)
+    updates = []
+    for i in range(count):
+        state = {key: value + torch.randn(value.shape, generator=generator).to(value.dtype) * (1 + i % 3)
+                 for key, value in global_state.items() if value.is_floating_point()}
+        # The same values, stored transposed: chunks must follow row-major order through any strides.
+        state["odd"] = state["odd"].T.contiguous().T
+        state["conv"] = state["conv"].permute(3, 1, 2, 0).contiguous().permute(3, 1, 2, 0)
+        state["steps"] = torch.tensor(10 + (7 * i) % 5)
+        state["mask"] = torch.rand(6, generator=generator) > 0.7
+        updates.append(ClientUpdate(100 - 3 * i, state, 1 + (5 * i) % 9))
+    # Two updates exactly equal, so that Krum's ties are exercised too.
+    updates.append(ClientUpdate(1, {key: value.clone() for key, value in updates[0].state.items()}, 4))
+    return global_state, updates
+
+
+def every_builtin(count: int) -> list[Strategy]:
+    names = ("fedavg", "fedmedian", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+    strategies = [make_strategy(name) for name in names]
+    strategies += [
+        TrimmedMean(0.2),
+        make_strategy("fedavgm", {"server_learning_rate": 0.5, "server_momentum": 0.9}),
+        make_strategy("krum", {"num_malicious_nodes": 2}),
+        make_strategy("multikrum", {"num_malicious_nodes": 1, "num_nodes_to_select": 4}),
+        make_strategy("bulyan", {"num_malicious_nodes": 1}),
+        make_strategy("scaffold", {"server_learning_rate": 0.7}),
+    ]
+    for strategy in strategies:
+        strategy.setup(count)
+    return strategies
+
+
+def tiny_chunks(monkeypatch: pytest.MonkeyPatch, clients: int) -> None:
+    """Chunks of 3 coordinates, streaming blocks of 4, distance chunks of 2: many chunks per key."""
+    monkeypatch.setattr(strategies_module, "CHUNK_BYTES", 8 * clients * 3)
+    monkeypatch.setattr(strategies_module, "BLOCK_ELEMENTS", 4)
+    monkeypatch.setattr(robust_module, "DISTANCE_COLUMNS", 2)
+
+
+def bits(state: State) -> dict[str, torch.Tensor]:
+    """Each tensor's raw bytes, so that equality is bit for bit (0.0 against -0.0 counts, NaN equals NaN)."""
+    return {key: value.contiguous().reshape(-1).view(torch.uint8) for key, value in state.items()}
+
+
+def assert_same_bits(left: State, right: State) -> None:
+    assert list(left) == list(right)
+    for key in left:
+        assert left[key].dtype == right[key].dtype and left[key].shape == right[key].shape, key
+    assert all(torch.equal(a, b) for a, b in zip(bits(left).values(), bits(right).values(), strict=True))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiny_chunks_give_the_same_bits_as_one_chunk(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    global_state, updates = odd_updates(11, seed)
+    whole = [s.aggregate(global_state, updates) for s in every_builtin(len(updates))]
+    with monkeypatch.context() as patch:
+        tiny_chunks(patch, len(updates))
+        chunked = [s.aggregate(global_state, updates) for s in every_builtin(len(updates))]
+    for one, many in zip(whole, chunked, strict=True):
+        assert_same_bits(one, many)
+
+
+def test_the_distances_do_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    global_state, updates = odd_updates(9)
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    whole = squared_distances(global_state, ordered)
+    with monkeypatch.context() as patch:
+        tiny_chunks(patch, len(updates))
+        chunked = squared_distances(global_state, ordered)
+    # Chunk sums are added to a pair's total one by one, so the association (only) changes with the chunk size.
+    assert torch.allclose(chunked, whole, rtol=1e-13, atol=0.0)
+    assert torch.equal(chunked, chunked.T) and not chunked.diagonal().any()
+    assert chunked[ordered.index(updates[0]), ordered.index(updates[-1])] == 0.0  # the two equal updates
+    flat = torch.stack([torch.cat([u.state[k].double().reshape(-1) for k in global_state
+                                   if global_state[k].is_floating_point()]) for u in ordered])
+    assert torch.allclose(chunked, torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist") ** 2,
+                          rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FedMedian(), TrimmedMean(0.2), Bulyan(num_malicious_nodes=1), Krum(num_malicious_nodes=1),
+     MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3)],
+    ids=repr,
+)
+def test_the_robust_rules_never_stack_more_than_a_chunk(strategy: Strategy, monkeypatch: pytest.MonkeyPatch) -> None:
+    global_state = {"big": torch.zeros(40, 50), "bias": torch.zeros(50)}
+    generator = torch.Generator().manual_seed(0)
+    updates = [ClientUpdate(i, {k: torch.randn(v.shape, generator=generator) for k, v in global_state.items()}, 1)
+               for i in range(9)]
+    limit = 8 * 9 * 64  # 64 coordinates of 9 clients; one key is 2,000 coordinates
+    monkeypatch.setattr(strategies_module, "CHUNK_BYTES", limit)
+    stacked: list[int] = []
+    real_stack = torch.stack
+
+    def recording_stack(tensors: Sequence[torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
+        out = real_stack(tensors, *args, **kwargs)  # type: ignore[arg-type]
+        stacked.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch, "stack", recording_stack)
+    strategy.aggregate(global_state, updates)
+    assert stacked and max(stacked) <= limit
+
+
+def test_trimmed_mean_is_numpys_mean_of_the_sorted_values_bit_for_bit() -> None:
+    # numpy (Flower's FedTrimmedAvg) sums along axis 0 row after row; so does fedsup, whatever the column.
+    generator = torch.Generator().manual_seed(1)
+    updates = [ClientUpdate(i, {"w": torch.randn(37, 29, generator=generator, dtype=torch.float64)}, 1)
+               for i in range(11)]
+    stacked = np.stack([u.state["w"].numpy() for u in updates])
+    expected = np.mean(np.sort(stacked, axis=0)[2:9], axis=0)
+    result = TrimmedMean(0.2).aggregate({"w": torch.zeros(37, 29, dtype=torch.float64)}, updates)["w"].numpy()
+    assert np.array_equal(result.view(np.int64), expected.view(np.int64))
+
+
+def naive_bulyan_selection(distances: torch.Tensor, f: int) -> list[int]:
+    """Repeated Krum written plainly: re-sort every remaining row's distances at every pick."""
+    table = distances.tolist()
+    remaining, picked = list(range(len(table))), []
+    for _ in range(len(table) - 2 * f):
+        neighbours = max(1, len(remaining) - f - 2)
+        scores = [math.fsum(sorted(table[i][j] for j in remaining if j != i)[:neighbours]) for i in remaining]
+        best = min(range(len(remaining)), key=lambda p: (scores[p], p))
+        picked.append(remaining.pop(best))
+    return sorted(picked)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(3, 14),
+    f=st.integers(0, 3),
+    values=st.lists(st.integers(0, 6), min_size=14 * 14, max_size=14 * 14),
+)
+def test_bulyans_incremental_selection_is_repeated_krum(count: int, f: int, values: list[int]) -> None:
+    # Small integer distances: many ties, which must go to the lower position exactly as before.
+    upper = torch.tensor(values[: count * count], dtype=torch.float64).reshape(count, count).triu(1)
+    distances = upper + upper.T
+    assert Bulyan(num_malicious_nodes=f).select(distances) == naive_bulyan_selection(distances, f)
+
+
+def test_a_non_finite_update_does_not_break_the_selection() -> None:
+    global_state = {"w": torch.zeros(3)}
+    updates = [ClientUpdate(i, {"w": torch.full((3,), float(i))}, 1) for i in range(7)]
+    updates[3] = ClientUpdate(3, {"w": torch.tensor([float("nan"), 0.0, float("inf")])}, 1)
+    result = Bulyan(num_malicious_nodes=1).aggregate(global_state, updates)
+    assert result["w"].shape == (3,)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5), (2, 1, 7), (5,), ()])
+def test_flat_piece_is_the_flattened_range_for_any_strides(shape: tuple[int, ...]) -> None:
+    base = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    variants = [base]
+    if base.dim() >= 2:
+        reverse = tuple(range(base.dim() - 1, -1, -1))
+        variants += [base.permute(reverse).contiguous().permute(reverse),
+                     base.transpose(0, 1).contiguous().transpose(0, 1)]
+    if base.dim() == 1:
+        variants.append(torch.arange(2 * base.numel(), dtype=torch.float32)[::2])
+    numel = base.numel()
+    for tensor in variants:
+        for start in range(numel):
+            for stop in range(start + 1, numel + 1):
+                assert torch.equal(flat_piece(tensor, start, stop), tensor.reshape(-1)[start:stop])
+
+
+def test_bulyans_nearest_values_break_ties_by_client_id() -> None:
+    # Integer values: many are equally far from the median, and which of them are kept changes the mean.
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randint(-4, 5, (41, 64), generator=generator).to(torch.float64)
+    beta = 17
+    result = robust_module._mean_nearest_median(values, beta)
+    for column in range(values.shape[1]):
+        col = values[:, column].tolist()
+        median = sorted(col)[len(col) // 2]
+        nearest = sorted(range(len(col)), key=lambda i: (abs(col[i] - median), i))[:beta]
+        assert result[column].item() == math.fsum(col[i] for i in nearest) / beta
