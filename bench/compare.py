@@ -194,8 +194,10 @@ def _fedsup(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, 
         if summary["status"] != "finished":
             raise RuntimeError(f"fedsup.run ended {summary['status']}: {summary}")
         starts, ends = [], []
-        for path in (output / "tasks").glob("round-*/record.json"):
-            result = json.loads(path.read_text()).get("result") or {}
+        from fedsup.engine.rundir import read_records
+
+        for record in read_records(output):
+            result = record.result if isinstance(record.result, dict) else {}
             if "train_started" in result:
                 starts.append(result["train_started"])
                 ends.append(result["train_ended"])

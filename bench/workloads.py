@@ -61,3 +61,22 @@ class MLPTask(fedsup.Task):
 
     def train(self, device: str) -> dict[str, Any]:
         return train_epoch(self.model, self.x, self.y, self.client_id, device)
+
+
+class NoopClient(fedsup.Task):
+    """A federated client that does nothing: a one-number model, sent back as it came. What is left of a
+    round is fedsup's own cost (bench/longrun.py)."""
+
+    def __init__(self, client_id: int) -> None:
+        super().__init__()
+        self.client_id = client_id
+
+    def load(self) -> None:
+        pass
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"w": torch.zeros(1)}
+
+    def train(self, device: str) -> dict[str, Any]:
+        assert self.global_state is not None
+        return {"state": {"w": self.global_state["w"].clone()}, "num_examples": 1}

@@ -1,25 +1,62 @@
-"""fedsup: a federated-learning process supervisor."""
+"""fedsup: a federated-learning process supervisor.
 
-from typing import Any
+The names below are loaded on first use, not when ``fedsup`` is imported: importing them pulls in torch,
+which takes seconds, and the ``fedsup`` command must be able to catch a Ctrl-C during that import (one
+line, exit 130) and to answer ``fedsup status`` without it.
+"""
 
-from fedsup.engine.errors import (
-    ConfigError,
-    FedsupError,
-    PlacementError,
-    RunFailed,
-    RunInterrupted,
-    TaskContractError,
-    TaskFailed,
-)
-from fedsup.engine.faults import FaultPlan
-from fedsup.engine.records import AttemptRecord, ErrorInfo, PhaseRecord, TaskRecord
-from fedsup.engine.states import TaskStatus
-from fedsup.engine.supervisor import Supervisor
-from fedsup.engine.task import Task
-from fedsup.federated.registry import make_strategy
-from fedsup.federated.strategies import ClientUpdate, Strategy
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+import fedsup.cluster  # noqa: F401 - registers the "ray" backend (ray itself is imported only when used)
+
+if TYPE_CHECKING:
+    from fedsup.engine.errors import (
+        ConfigError,
+        FedsupError,
+        PlacementError,
+        RunFailed,
+        RunInterrupted,
+        TaskContractError,
+        TaskFailed,
+    )
+    from fedsup.engine.faults import FaultPlan
+    from fedsup.engine.records import AttemptRecord, ErrorInfo, PhaseRecord, TaskRecord
+    from fedsup.engine.states import TaskStatus
+    from fedsup.engine.supervisor import Supervisor
+    from fedsup.engine.task import Task
+    from fedsup.federated.registry import make_strategy
+    from fedsup.federated.strategies import ClientUpdate, Strategy
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "fedsup.engine.errors": ("ConfigError", "FedsupError", "PlacementError", "RunFailed", "RunInterrupted",
+                             "TaskContractError", "TaskFailed"),
+    "fedsup.engine.faults": ("FaultPlan",),
+    "fedsup.engine.records": ("AttemptRecord", "ErrorInfo", "PhaseRecord", "TaskRecord"),
+    "fedsup.engine.states": ("TaskStatus",),
+    "fedsup.engine.supervisor": ("Supervisor",),
+    "fedsup.engine.task": ("Task",),
+    "fedsup.federated.registry": ("make_strategy",),
+    "fedsup.federated.strategies": ("ClientUpdate", "Strategy"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedsup' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME_OF))
 
 
 def run(config: Any, **options: Any) -> dict[str, Any]:

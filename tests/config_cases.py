@@ -37,6 +37,7 @@ VALID: dict[str, Any] = {
         "probability": 0.2, "seed": 0, "kinds": ["exception", "exit", "sigkill", "cuda_oom"],
         "phases": ["load", "train"], "max_per_task": 1,
     },
+    "checkpoints": {"keep_last": 3, "every": 50},
     "output": "runs/synthetic-fedavg",
 }
 MINIMAL: dict[str, Any] = {

@@ -176,3 +176,17 @@ class FailingClient(KnownClient):
         if self.client_id in self.failing:
             raise ValueError(f"client {self.client_id} always fails")
         return super().train(device)
+
+
+class TalkingClient(KnownClient):
+    """KnownClient whose client ``talker`` prints a line each round it trains: only its task folder (and log)
+    should be left in the run directory."""
+
+    def __init__(self, client_id: int, talker: int = 0) -> None:
+        super().__init__(client_id)
+        self.talker = talker
+
+    def train(self, device: str) -> dict[str, Any]:
+        if self.client_id == self.talker:
+            print(f"client {self.client_id} trains in round {self.round}", flush=True)
+        return super().train(device)

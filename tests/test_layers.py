@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "federated": {"engine", "cluster", "federated"},
     "ui": {"engine", "cluster", "federated", "ui"},
     "examples": {"engine", "federated", "api", "examples"},  # user code: the public API, never the ui
-    "api": {"engine", "federated"},  # fedsup/__init__.py and the compatibility modules
+    "api": {"engine", "cluster", "federated"},  # fedsup/__init__.py (it registers the ray backend) and the
+    # compatibility modules
     "entry": {"ui"},  # fedsup/__main__.py
 }
 LAYERS = ("engine", "cluster", "federated", "ui", "examples")

@@ -351,3 +351,176 @@ class Threads(fedsup.Task):
 
         pools = {info["internal_api"]: info["num_threads"] for info in threadpool_info()}
         return {**_base(self, device), "torch": torch.get_num_threads(), "pools": pools}
+
+
+# ---------------------------------------------------------------- containment and the fork server
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def start_daemon() -> int:
+    """Double-fork a ``sleep 300`` into a session of its own, as a daemon does; return its pid."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            daemon = os.fork()
+            if daemon == 0:
+                os.close(w)
+                os.execvp("sleep", ["sleep", "300"])
+            os.write(w, f"{daemon}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        daemon = int(f.read())
+    os.waitpid(middle, 0)  # the middle process is gone: the daemon is an orphan now
+    return daemon
+
+
+class Daemons(fedsup.Task):
+    """Starts a helper (``subprocess.Popen``, left running) and a setsid() daemon that double-forked away, then
+    writes ``"<helper> <daemon>"`` into ``<folder>/<task_id>.pids`` and, with ``fifo``, announces
+    ``"<task_id> <pid> <helper> <daemon>"`` there. ``then``: "return", "block" (until the run ends it), or
+    "kill_server" (its first attempt SIGKILLs its fork server, and so itself; the retry returns)."""
+
+    def __init__(self, task_id: str, folder: str, then: str = "return", fifo: str | None = None) -> None:
+        super().__init__(task_id)
+        self.folder, self.then, self.fifo = folder, then, fifo
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        import subprocess
+
+        if self.then == "kill_server" and not first_time(self.folder, f"{self.task_id}.killed"):
+            return _base(self, device)
+        helper = subprocess.Popen(["sleep", "300"])
+        daemon = start_daemon()
+        with open(os.path.join(self.folder, f"{self.task_id}.pids"), "w") as f:
+            f.write(f"{helper.pid} {daemon}\n")
+        if self.fifo is not None:
+            fd = os.open(self.fifo, os.O_WRONLY)
+            try:
+                os.write(fd, f"{self.task_id} {os.getpid()} {helper.pid} {daemon}\n".encode())
+            finally:
+                os.close(fd)
+        if self.then == "block":
+            block_forever()
+        if self.then == "kill_server":
+            os.kill(os.getppid(), signal.SIGKILL)
+            block_forever()  # PR_SET_PDEATHSIG ends us with it
+        return {**_base(self, device), "helper": helper.pid, "daemon": daemon}
+
+
+class StillAlive(fedsup.Task):
+    """Reports which of the pids another task wrote into ``<folder>/<other>.pids`` are still alive."""
+
+    def __init__(self, task_id: str, folder: str, other: str) -> None:
+        super().__init__(task_id)
+        self.folder, self.other = folder, other
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        with open(os.path.join(self.folder, f"{self.other}.pids")) as f:
+            pids = [int(p) for p in f.read().split()]
+        return {**_base(self, device), "alive": [p for p in pids if alive(p)]}
+
+
+class StopsServer(fedsup.Task):
+    """On its first attempt, SIGSTOPs its fork server (its parent) and returns: the run must notice."""
+
+    def __init__(self, task_id: str, marker_dir: str) -> None:
+        super().__init__(task_id)
+        self.marker_dir = marker_dir
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        server = os.getppid()
+        if first_time(self.marker_dir, f"{self.task_id}.stopped"):
+            os.kill(server, signal.SIGSTOP)
+            return {**_base(self, device), "stopped": server}
+        return _base(self, device)
+
+
+class KillsServer(fedsup.Task):
+    """Its first ``times`` attempts SIGKILL their fork server (and so themselves, through PR_SET_PDEATHSIG);
+    the next one returns. It counts its attempts in ``<marker_dir>/<task_id>.attempts``."""
+
+    def __init__(self, task_id: str, marker_dir: str, times: int) -> None:
+        super().__init__(task_id)
+        self.marker_dir, self.times = marker_dir, times
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        path = os.path.join(self.marker_dir, f"{self.task_id}.attempts")
+        with open(path, "a") as f:
+            f.write("x")
+        with open(path) as f:
+            attempt = len(f.read())
+        if attempt <= self.times:
+            os.kill(os.getppid(), signal.SIGKILL)
+            block_forever()
+        return {**_base(self, device), "attempt": attempt}
+
+
+class DaemonClient(fedsup.Task):
+    """A federated client whose every train() leaves a helper and a setsid() daemon running, their pids in
+    ``<folder>/client-<id>.round-<r>.pids``."""
+
+    def __init__(self, client_id: int, folder: str) -> None:
+        super().__init__()
+        self.client_id, self.folder = client_id, folder
+
+    def load(self) -> None:
+        pass
+
+    def initial_state(self) -> dict[str, Any]:
+        import torch
+
+        return {"w": torch.zeros(2)}
+
+    def train(self, device: str) -> dict[str, Any]:
+        import subprocess
+
+        import torch
+
+        helper = subprocess.Popen(["sleep", "300"])
+        daemon = start_daemon()
+        with open(os.path.join(self.folder, f"client-{self.client_id}.round-{self.round}.pids"), "w") as f:
+            f.write(f"{helper.pid} {daemon}\n")
+        return {"state": {"w": torch.full((2,), float(self.client_id))}, "num_examples": 1}
+
+
+class SignalsSupervisor(fedsup.Task):
+    """Sends ``sig`` to the supervisor (``supervisor_pid``) from train(), then returns, or with ``block``
+    blocks until the run ends it."""
+
+    def __init__(self, task_id: str, supervisor_pid: int, sig: int, block: bool = False) -> None:
+        super().__init__(task_id)
+        self.supervisor_pid, self.sig, self.block = supervisor_pid, sig, block
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        os.kill(self.supervisor_pid, self.sig)
+        if self.block:
+            block_forever()
+        return _base(self, device)

@@ -41,7 +41,7 @@ class TaskFailed(FedsupError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """The run was stopped by SIGINT or SIGTERM; ``records`` holds every task as it was left."""
+    """The run was stopped by SIGINT, SIGTERM or SIGHUP; ``records`` holds every task as it was left."""
 
     def __init__(self, signum: int, records: list[Any]) -> None:
         super().__init__(f"run interrupted by signal {signum}")

@@ -33,17 +33,28 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import torch
 
+from fedsup.engine.containment import (
+    Cgroups,
+    become_subreaper,
+    child_pids,
+    end_descendants,
+    kill_quietly,
+    remove_cgroups,
+)
 from fedsup.engine.devices import cpu_cores
 from fedsup.engine.forking import prepare_to_fork
 from fedsup.engine.worker import ChildSpec, child_main, die_with_parent, find_threadpools
 
 log = logging.getLogger(__name__)
+
+CGROUPS = True  # put task processes in cgroups where the machine allows it (tests turn it off to see the rest)
 
 # Threads this process had right after torch was imported: more later means something started threads
 # (an OpenMP pool among them) that a forked child would inherit in a broken state.
@@ -61,6 +72,9 @@ class ExitInfo:
     code: int | None
     signal: int | None
     cause: str | None = None  # what fedsup knows beyond the status, e.g. that the fork server died
+    # the process was lost with the infrastructure that held it (a fork server): the how-manyth such death
+    # of the run, which spends the infrastructure's budget, not the task's
+    infrastructure: int | None = None
 
     @classmethod
     def from_wait_status(cls, status: int) -> ExitInfo:
@@ -92,6 +106,7 @@ class Child(Protocol):
     pid: int | None
     exit: ExitInfo | None
     warm: bool  # started with torch's first-use costs paid (a warm server's child): its first task shows them not
+    cgroup: str | None  # its cgroup v2 folder, where containment has one
 
     def sentinel(self) -> Any | None: ...
 
@@ -164,6 +179,7 @@ class SpawnChild:
         self.pid: int | None = process.pid
         self.exit: ExitInfo | None = None
         self.warm = False
+        self.cgroup: str | None = None
 
     def sentinel(self) -> Any:
         return self.process.sentinel
@@ -188,16 +204,20 @@ class SpawnLauncher:
 
     def __init__(self) -> None:
         self._ctx = mp.get_context("spawn")
+        self._cgroups: Cgroups | None = None
 
     def start(self, preload: list[str]) -> None:
-        pass
+        self._cgroups = make_cgroups()
 
     def spawn(self, spec: ChildSpec) -> SpawnChild:
+        spec = replace(spec, cgroup=self._cgroups.folder() if self._cgroups else None)
         parent_conn, child_conn = mp.Pipe(duplex=True)
         process = self._ctx.Process(target=child_main, args=(child_conn, spec), name=f"fedsup:{spec.task_id}")
         process.start()
         child_conn.close()
-        return SpawnChild(process, parent_conn)
+        child = SpawnChild(process, parent_conn)
+        child.cgroup = spec.cgroup
+        return child
 
     def can_spawn(self, one_off: bool) -> bool:
         return True
@@ -211,22 +231,38 @@ class SpawnLauncher:
     def on_ready(self, obj: Any) -> list[tuple[SpawnChild, ExitInfo]]:
         return []
 
+    def expect_exit(self, child: Any) -> None:
+        pass
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def check_deadlines(self, now: float) -> list[tuple[SpawnChild, ExitInfo]]:
+        return []
+
+    def release(self, child: Any) -> None:
+        if self._cgroups is not None:
+            self._cgroups.release(child.cgroup)
+
     def alive(self) -> bool:
         return True
 
     def close(self) -> None:
-        pass
+        if self._cgroups is not None:
+            self._cgroups.close()
 
 
 # ---------------------------------------------------------------- fork server
 
 
 class ServerChild:
-    def __init__(self, conn: Connection, warm: bool) -> None:
+    def __init__(self, conn: Connection, server: _Server, cgroup: str | None) -> None:
         self.conn = conn
         self.pid: int | None = None
         self.exit: ExitInfo | None = None
-        self.warm = warm
+        self.warm = server.warm
+        self.server = server
+        self.cgroup = cgroup
         self.pending_signal: int | None = None
 
     def sentinel(self) -> None:
@@ -257,6 +293,9 @@ class _Server:
     asked: int = 0                # children requested from it, ever (one-off jobs aside)
     starting: dict[int, ServerChild] = field(default_factory=dict)
     by_pid: dict[int, ServerChild] = field(default_factory=dict)
+    # what it owes us, and by when (monotonic): "serving" (its start-up), a child's "started", a child's
+    # "exited" once the child is known to be dying (its pipe closed, or fedsup sent SIGKILL)
+    due: dict[Any, float] = field(default_factory=dict)
 
     def holds(self) -> int:
         return len(self.starting) + len(self.by_pid)
@@ -275,21 +314,31 @@ class ForkServerLauncher:
     warm server reports ready, every new task goes to it, and the cold one exits when its last task process
     has (its children die with it: PR_SET_PDEATHSIG). A server still warming when the run ends holds no
     child, and is killed rather than waited for.
+
+    Deadlines: a server must be serving within ``start_timeout`` of its start, and must answer within
+    ``reply_timeout`` what it owes: a child's pid once asked for it, a child's exit status once that child is
+    known to be dying (its pipe closed, or fedsup sent SIGKILL). A server that misses one (stopped, hung) is
+    killed; its task processes die with it and are reported lost, and the next spawn starts a new server.
     """
 
     name = "forkserver"
 
-    def __init__(self, cpus_wanted: int = 1, reuse: bool = False) -> None:
+    def __init__(self, cpus_wanted: int = 1, reuse: bool = False, reply_timeout: float = 10.0,
+                 start_timeout: float = 120.0) -> None:
         self._cpus_wanted = cpus_wanted
         # Where processes are reused, the first ones serve many tasks, so one per core starts cold, as a
         # pool's workers do, and the warm-up takes what CPU they leave; otherwise one core is left to it.
         self._cold_limit = cpu_cores() if reuse else max(1, cpu_cores() - 1)
+        self.reply_timeout = reply_timeout
+        self.start_timeout = start_timeout
         self._warm: _Server | None = None
         self._cold: _Server | None = None
         self._next_id = 0
         self._preload: list[str] = []
         self.restarts = 0
+        self.deaths = 0   # servers lost (died, or killed for missing a deadline): infrastructure deaths
         self._lost: list[tuple[ServerChild, ExitInfo]] = []   # exits learnt outside on_ready
+        self._cgroups: Cgroups | None = None
         self.forked = False
 
     # -- starting and stopping the servers
@@ -306,6 +355,7 @@ class ForkServerLauncher:
 
     def start(self, preload: list[str]) -> None:
         self._preload = preload
+        self._cgroups = make_cgroups()
         reason = self.fork_is_safe()
         if reason is not None:
             log.info("starting the fork server with spawn: %s", reason)
@@ -315,6 +365,7 @@ class ForkServerLauncher:
     def _start_server(self, warm: bool, spawn_reason: str | None) -> _Server:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
+        root = None if self._cgroups is None or self._cgroups.root is None else str(self._cgroups.root)
         process = None
         if spawn_reason is None:
             pid = os.fork()
@@ -322,20 +373,22 @@ class ForkServerLauncher:
                 ours.close()
                 code = 1
                 try:
-                    server_main(theirs, [], parent, warm)
+                    server_main(theirs, [], parent, warm, root)
                     code = 0
                 finally:
                     os._exit(code)
             self.forked = True
         else:
             process = mp.get_context("spawn").Process(
-                target=server_main, args=(theirs, ["torch", *self._preload], parent, warm),
+                target=server_main, args=(theirs, ["torch", *self._preload], parent, warm, root),
                 name="fedsup-forkserver")
             process.start()
             assert process.pid is not None
             pid = process.pid
         theirs.close()
-        return _Server(ours, pid, warm, process, ready=not warm)
+        server = _Server(ours, pid, warm, process, ready=not warm)
+        server.due["serving"] = time.monotonic() + self.start_timeout
+        return server
 
     def alive(self) -> bool:
         return self._warm is not None
@@ -352,16 +405,23 @@ class ForkServerLauncher:
                 pass
             self._reap_server(server)
         self._cold = self._warm = None
+        if self._cgroups is not None:
+            self._cgroups.close()
 
-    @staticmethod
-    def _reap_server(server: _Server) -> None:
-        """Close our end of the server's socket and wait for the server to be gone."""
+    def _reap_server(self, server: _Server) -> None:
+        """Close our end of the server's socket and wait for the server to be gone: a server that does not go
+        within ``reply_timeout`` (stopped, hung) is killed."""
         server.sock.close()
         if server.process is not None:
-            server.process.join()
-            server.process.close()
-        else:
-            os.waitpid(server.pid, 0)
+            server.process.join(self.reply_timeout)
+            if server.process.exitcode is None:
+                server.process.kill()
+                server.process.join(self.reply_timeout)
+            if server.process.exitcode is not None:
+                server.process.close()
+        elif not wait_exit(server.pid, self.reply_timeout):
+            kill_quietly(server.pid)
+            wait_exit(server.pid, self.reply_timeout)
 
     def _servers(self) -> list[_Server]:
         return [s for s in (self._cold, self._warm) if s is not None]
@@ -375,6 +435,7 @@ class ForkServerLauncher:
             self._warm = self._start_server(warm=True, spawn_reason=self.fork_is_safe())
         server = self._cold if self._cold_serves(spec.one_off) else self._warm
         assert server is not None
+        spec = replace(spec, cgroup=self._cgroups.folder() if self._cgroups else None)
         parent_conn, child_conn = mp.Pipe(duplex=True)
         self._next_id += 1
         request = pickle.dumps(("spawn", self._next_id, spec))
@@ -386,9 +447,11 @@ class ForkServerLauncher:
             parent_conn.close()
             return self.spawn(spec)
         child_conn.close()
-        child = ServerChild(parent_conn, server.warm)
+        child = ServerChild(parent_conn, server, spec.cgroup)
         server.starting[self._next_id] = child
         server.asked += 0 if spec.one_off else 1
+        # a server still starting answers once it serves
+        server.due[child] = max(time.monotonic(), server.due.get("serving", 0.0)) + self.reply_timeout
         return child
 
     def _cold_serves(self, one_off: bool) -> bool:
@@ -409,6 +472,43 @@ class ForkServerLauncher:
         lost, self._lost = self._lost, []
         return lost
 
+    def release(self, child: Any) -> None:
+        """The child's exit has been handled: what it left in its cgroup goes."""
+        if self._cgroups is not None:
+            self._cgroups.release(child.cgroup)
+
+    # -- deadlines
+
+    def expect_exit(self, child: Any) -> None:
+        """The child is dying (its pipe closed, or it was sent SIGKILL): its server owes us its exit status."""
+        if not isinstance(child, ServerChild) or child.exit is not None:
+            return
+        server = child.server
+        if server in self._servers():
+            server.due[child] = min(server.due.get(child, float("inf")), time.monotonic() + self.reply_timeout)
+
+    def next_deadline(self) -> float | None:
+        return min((t for s in self._servers() for t in s.due.values()), default=None)
+
+    def check_deadlines(self, now: float) -> list[tuple[ServerChild, ExitInfo]]:
+        """Kill every server that owes an answer past its deadline; return the children lost with them."""
+        exited: list[tuple[ServerChild, ExitInfo]] = []
+        for server in self._servers():
+            if not server.due or min(server.due.values()) > now:
+                continue
+            what = "start" if "serving" in server.due and server.due["serving"] <= now else "answer"
+            limit = self.start_timeout if what == "start" else self.reply_timeout
+            state = process_state(server.pid)
+            log.warning("a fork server (pid %d, %s) did not %s within %g s: killed, and its task processes with "
+                        "it; a new one takes its place", server.pid, state, what, limit)
+            kill_quietly(server.pid)
+            cause = (f"the fork server ({state}) did not {what} within {limit:g} s and was killed, and its task "
+                     f"processes with it")
+            exited.extend(self._server_lost(server, [], cause))
+        return exited
+
+    # -- reports
+
     def on_ready(self, obj: Any) -> list[tuple[ServerChild, ExitInfo]]:
         """Read a server's reports; return the children that exited, with how."""
         exited: list[tuple[ServerChild, ExitInfo]] = []
@@ -428,6 +528,8 @@ class ForkServerLauncher:
 
     def _on_report(self, server: _Server, message: tuple[Any, ...],
                    exited: list[tuple[ServerChild, ExitInfo]]) -> None:
+        if message[0] in ("ready", "serving"):
+            server.due.pop("serving", None)
         if message[0] == "ready":
             server.ready = True
             if self._cold is not None and not self._cold.retiring:
@@ -438,14 +540,18 @@ class ForkServerLauncher:
                     pass  # it died: its end of file comes through on_ready
         elif message[0] == "started":
             child = server.starting.pop(message[1])
+            server.due.pop(child, None)
             child.pid = message[2]
             server.by_pid[child.pid] = child
             if child.pending_signal is not None:
                 kill_group(child.pid, child.pending_signal)
         elif message[0] == "exited":
-            child = server.by_pid.pop(message[1])
-            child.exit = ExitInfo.from_wait_status(message[2])
-            exited.append((child, child.exit))
+            found = server.by_pid.pop(message[1], None)
+            if found is None:
+                return
+            server.due.pop(found, None)
+            found.exit = ExitInfo.from_wait_status(message[2])
+            exited.append((found, found.exit))
 
     def _server_gone(self, server: _Server,
                      exited: list[tuple[ServerChild, ExitInfo]]) -> list[tuple[ServerChild, ExitInfo]]:
@@ -455,16 +561,21 @@ class ForkServerLauncher:
             return exited
         return self._server_lost(server, exited)
 
-    def _server_lost(self, server: _Server,
-                     exited: list[tuple[ServerChild, ExitInfo]]) -> list[tuple[ServerChild, ExitInfo]]:
-        """A server died: its children died with it (PDEATHSIG). Report them all as killed."""
-        log.error("a fork server died; its task processes died with it")
-        lost = ExitInfo(None, signal.SIGKILL, cause="the fork server died, and its task processes with it")
-        for child in [*server.starting.values(), *server.by_pid.values()]:
+    def _server_lost(self, server: _Server, exited: list[tuple[ServerChild, ExitInfo]],
+                     cause: str | None = None) -> list[tuple[ServerChild, ExitInfo]]:
+        """A server died: its children died with it (PDEATHSIG). Report them all as lost with it."""
+        self.deaths += 1
+        children = [*server.starting.values(), *server.by_pid.values()]
+        log.warning("a fork server (pid %d) was lost, with %d task process(es): infrastructure death %d of the run",
+                    server.pid, len(children), self.deaths)
+        lost = ExitInfo(None, signal.SIGKILL, infrastructure=self.deaths,
+                        cause=cause or "the fork server died, and its task processes with it")
+        for child in children:
             child.exit = lost
             exited.append((child, lost))
         server.starting.clear()
         server.by_pid.clear()
+        server.due.clear()
         self._forget(server)
         self._reap_server(server)
         return exited
@@ -474,6 +585,52 @@ class ForkServerLauncher:
             self._cold = None
         if server is self._warm:
             self._warm = None
+
+
+def make_cgroups() -> Cgroups | None:
+    """A cgroup folder for this run's task processes, where this machine lets us make one."""
+    if not CGROUPS:
+        return None
+    cgroups = Cgroups()
+    if cgroups.root is None:
+        log.debug("no cgroup for task processes (%s): process groups and subreapers contain them", cgroups.reason)
+        return None
+    return cgroups
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Reap our child ``pid``, waiting at most ``timeout`` (a pidfd: a wait, not a poll); False if it lives on."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone and reaped already, or no pidfds on this kernel: wait as before
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        return True
+    finally:
+        os.close(fd)
+
+
+def process_state(pid: int) -> str:
+    """How /proc names the process's state: "stopped (T)", "sleeping (S)", ..."""
+    names = {"R": "running", "S": "sleeping", "D": "in uninterruptible sleep", "T": "stopped", "t": "traced",
+             "Z": "a zombie"}
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+    return f"{names.get(state, 'state')} ({state})"
 
 
 def warm_up(preload: list[str]) -> None:
@@ -513,14 +670,17 @@ def warm_up(preload: list[str]) -> None:
         gc.enable()
 
 
-def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, warm: bool = True) -> None:
+def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, warm: bool = True,
+                cgroup_root: str | None = None) -> None:
     """A fork server's loop: fork children on request, reap them, report their exits.
 
     A warm server first pays torch's first-use costs and says "ready"; a cold one serves at once. Told to
-    retire, a server forks nothing more and returns once its last child has been reaped.
+    retire, a server forks nothing more and returns once its last child has been reaped. Whichever way it
+    leaves (told to stop, the supervisor gone, SIGTERM, an error), it kills its whole tree first.
     """
-    die_with_parent(supervisor_pid)
+    die_with_parent(supervisor_pid)  # SIGKILL while warming up: it has no child yet, nothing to clean up
     os.setpgid(0, 0)
+    become_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -533,14 +693,28 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
         for module in preload:
             importlib.import_module(module)
         gc.freeze()  # cheap (no collection): a child's collections then leave the inherited heap alone
+        sock.send(pickle.dumps(("serving",)))
+    # From here on it has children: the supervisor's death must wake the loop to clean up, not kill it.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    die_with_parent(supervisor_pid, signal.SIGTERM)
+    tasks: dict[int, str | None] = {}  # our task processes' pids, and their cgroup folders
+    try:
+        _serve(sock, wake_r, wake_w, supervisor_pid, tasks)
+    finally:
+        # the run's cgroup folder is the supervisor's to remove, unless the supervisor is gone
+        _end_tree(tasks, cgroup_root if os.getppid() != supervisor_pid else None)
+
+
+def _serve(sock: socket.socket, wake_r: int, wake_w: int, supervisor_pid: int, tasks: dict[int, str | None]) -> None:
     me = os.getpid()
-    children = 0
     retiring = False
-    while not (retiring and children == 0):
+    while not (retiring and not tasks):
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
-            os.read(wake_r, 4096)
-            children -= _reap(sock)
+            woken = os.read(wake_r, 4096)
+            _reap(sock, tasks)
+            if signal.SIGTERM in woken or os.getppid() != supervisor_pid:
+                return  # the supervisor is gone (PDEATHSIG), or we were told to go
         if sock.fileno() not in ready:
             continue
         data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
@@ -556,7 +730,7 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
         pid = os.fork()
         if pid == 0:
             _become_child(sock, wake_r, wake_w, fds[0], spec, me)
-        children += 1
+        tasks[pid] = spec.cgroup
         os.close(fds[0])
         try:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
@@ -565,17 +739,44 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
         sock.send(pickle.dumps(("started", request_id, pid)))
 
 
-def _reap(sock: socket.socket) -> int:
-    reaped = 0
+def _reap(sock: socket.socket, tasks: dict[int, str | None]) -> None:
+    """Report our task processes' exits; kill every other child at once. Each task process is a subreaper,
+    so its orphans come to us only once it has died: a child that is not a task process is a dead task's."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return reaped
+            break
         if pid == 0:
-            return reaped
-        reaped += 1
-        sock.send(pickle.dumps(("exited", pid, status)))
+            break
+        if pid in tasks:
+            del tasks[pid]
+            sock.send(pickle.dumps(("exited", pid, status)))
+    for pid in child_pids():
+        if pid not in tasks:
+            _kill_leftover(pid)
+
+
+def _kill_leftover(pid: int) -> None:
+    """A dead task's leftover, and its process group if it leads one (a setsid() daemon): the members go at once
+    instead of one generation per reap."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    kill_quietly(pid)
+
+
+def _end_tree(tasks: dict[int, str | None], cgroup_root: str | None) -> None:
+    """The server is leaving: nothing below it may stay. Bounded by an alarm: a process stuck in the kernel
+    must not keep the server from going."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(15)
+    for pid in tasks:
+        kill_group(pid, signal.SIGKILL)
+    end_descendants(timeout=5.0)
+    remove_cgroups([f for f in tasks.values() if f is not None], cgroup_root)
 
 
 def _become_child(sock: socket.socket, wake_r: int, wake_w: int, fd: int, spec: ChildSpec, server: int) -> None:
@@ -583,6 +784,7 @@ def _become_child(sock: socket.socket, wake_r: int, wake_w: int, fd: int, spec: 
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's is for the server alone
         sock.close()
         os.close(wake_r)
         os.close(wake_w)
@@ -597,9 +799,11 @@ def _become_child(sock: socket.socket, wake_r: int, wake_w: int, fd: int, spec: 
         os._exit(code)
 
 
-def make_launcher(start_method: str, cpus_wanted: int, reuse: bool = False) -> SpawnLauncher | ForkServerLauncher:
+def make_launcher(start_method: str, cpus_wanted: int, reuse: bool = False,
+                  timeouts: tuple[float, float] = (10.0, 120.0)) -> SpawnLauncher | ForkServerLauncher:
+    """``timeouts``: a fork server's (reply, start-up) deadlines, in seconds."""
     if start_method == "spawn":
         return SpawnLauncher()
     if start_method == "forkserver":
-        return ForkServerLauncher(cpus_wanted, reuse)
+        return ForkServerLauncher(cpus_wanted, reuse, reply_timeout=timeouts[0], start_timeout=timeouts[1])
     raise ValueError(f"start_method: expected 'forkserver' or 'spawn', got {start_method!r}")

@@ -27,6 +27,7 @@ ErrorKind = Literal[
     "placement",    # the task can never fit on any device
     "bad_result",   # train() or evaluate() returned something the run cannot use: a bug, never retried
     "cancelled",    # the run stopped first
+    "node_lost",    # the cluster node running it went away (Ray backend): its own budget, not max_retries
 ]
 
 
@@ -70,6 +71,7 @@ class AttemptRecord(_Record):
     attempt: int
     pid: int | None = None
     device: str | None = None
+    node: str | None = None            # the cluster node it ran on (Ray backend); None on one machine
     status: TaskStatus
     started: float
     ended: float | None = None
@@ -110,6 +112,7 @@ class TaskRecord(_Record):
     status: TaskStatus
     attempts: int = 0
     device: str | None = None
+    node: str | None = None            # the cluster node of the last attempt (Ray backend)
     result: Any = None
     error: ErrorInfo | None = None
     reason: str | None = None          # why it ended FAILED or CANCELLED, beyond the last error

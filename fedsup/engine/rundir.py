@@ -8,7 +8,15 @@ RUN_DIR/
                              durable against a power cut by the next commit: a round's end, the run's end)
   tasks/<task>/stdout.log    the task's output, every attempt (the task's working directory is tasks/<task>/)
   tasks/<task>/stderr.log
+  records/<group>.jsonl      instead of tasks/<task>/record.json, once ``use_records(group)`` is called (a
+                             federated run: one file per round): one TaskRecord a line, appended and flushed
+                             when the task reaches an outcome; where a task has several, the last counts
 ```
+
+A run of many small jobs (a federated run: clients x rounds of them) groups its records: a folder per job
+would leave a folder per client and round, 75,000 of them for 1,500 rounds of 50 clients. A grouped run
+also removes, when it closes, the log files no task wrote to and the task folders left empty, so that
+``tasks/`` holds only the folders of tasks that printed something.
 
 A task's folder is its id where the id is a plain name (letters, digits, ``.``, ``_``, ``-``, at most 80
 characters, not ``.`` or ``..``); any other id gets the cleaned id, a ``+`` and 128 bits of its SHA-256. A
@@ -277,11 +285,38 @@ def read_record(path: Path) -> TaskRecord | None:
         return None
 
 
+def read_record_lines(path: Path) -> tuple[dict[str, TaskRecord], int]:
+    """The records of a ``records/<group>.jsonl`` file by task id (the last line of a task wins), and how
+    many lines could not be read (a torn last line left by a kill, or a damaged one: that work runs again)."""
+    records: dict[str, TaskRecord] = {}
+    bad = 0
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return records, 0
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = TaskRecord.model_validate_json(line)
+        except ValueError:
+            bad += 1
+            continue
+        records[record.task_id] = record
+    if bad:
+        log.warning("%s: %d line(s) damaged or torn; those records are not used", path, bad)
+    return records, bad
+
+
 def read_records(run_dir: Path, folders: str = "*") -> list[TaskRecord]:
-    """Every readable task record of a run directory (of the task folders matching ``folders``); damaged
-    ones are named in the log and left out."""
+    """Every readable task record of a run directory (of the task folders matching ``folders``, and with the
+    default ``*`` those of ``records/*.jsonl`` too); damaged ones are named in the log and left out."""
     found = (read_record(p) for p in sorted((run_dir / "tasks").glob(f"{folders}/record.json")))
-    return [r for r in found if r is not None]
+    records = [r for r in found if r is not None]
+    if folders == "*":
+        for path in sorted((run_dir / "records").glob("*.jsonl")):
+            records.extend(read_record_lines(path)[0].values())
+    return records
 
 
 class RunDir:
@@ -298,6 +333,25 @@ class RunDir:
             raise
         if torn:  # a killed writer left half a line: end it, so that it stays the only bad line
             self._events.write("\n")
+        self._group: str | None = None
+        self._group_file: IO[str] | None = None
+        self._group_records: dict[str, TaskRecord] | None = None  # the group's file as found, read on demand
+
+    def use_records(self, group: str) -> None:
+        """From now on write records to ``records/<group>.jsonl`` and read them from there (see the module
+        docstring); a federated run calls it with ``round-R`` before each round's jobs."""
+        if group == self._group:
+            return
+        self._close_group()
+        self._group = group
+
+    def records_path(self, group: str) -> Path:
+        return self.path / "records" / f"{safe_name(group)}.jsonl"
+
+    def _close_group(self) -> None:
+        if self._group_file is not None:
+            self._group_file.close()
+        self._group_file, self._group_records = None, None
 
     def task_dir(self, task_id: str) -> Path:
         return self.path / "tasks" / safe_name(task_id)
@@ -308,9 +362,23 @@ class RunDir:
         self._events.flush()
 
     def write_record(self, record: TaskRecord) -> None:
-        """Atomically; durable at the next ``commit`` (a federated round's end, or the run's)."""
-        path = self.task_dir(record.task_id) / "record.json"
-        write_atomic(path, (record.model_dump_json(indent=2) + "\n").encode(), durable=False)
+        """Atomically (a whole file, or a whole line that a reader takes or leaves); durable at the next
+        ``commit`` (a federated round's end, or the run's)."""
+        if self._group is None:
+            path = self.task_dir(record.task_id) / "record.json"
+            write_atomic(path, (record.model_dump_json(indent=2) + "\n").encode(), durable=False)
+            return
+        if self._group_file is None:
+            path = self.records_path(self._group)
+            path.parent.mkdir(exist_ok=True)
+            torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+            self._group_file = open(path, "a", encoding="utf-8")
+            if torn:  # a killed writer left half a line: end it, so that the next record is a line of its own
+                self._group_file.write("\n")
+        self._group_file.write(record.model_dump_json() + "\n")
+        self._group_file.flush()
+        if self._group_records is not None:
+            self._group_records[record.task_id] = record
 
     def commit(self) -> None:
         """Make every record, event and file written so far durable, against a power cut too."""
@@ -318,11 +386,47 @@ class RunDir:
         sync_filesystem(self.path)
 
     def read_record(self, task_id: str) -> TaskRecord | None:
-        """The task's record, or None when there is none or it is damaged (the task then runs again)."""
+        """The task's record, or None when there is none or it is damaged (the task then runs again). A grouped
+        run falls back on ``tasks/<task>/record.json``, where a run of an older layout left its records."""
+        if self._group is not None:
+            if self._group_records is None:
+                self._group_records = read_record_lines(self.records_path(self._group))[0]
+            found = self._group_records.get(task_id)
+            if found is not None:
+                return found
         return read_record(self.task_dir(task_id) / "record.json")
+
+    def drop_empty_logs(self) -> None:
+        """Remove the log files no task wrote to, and the task folders that leaves empty. Only once no task
+        process runs: a process writing to a log removed under it would lose its output."""
+        folder = self.path / "tasks"
+        if not folder.is_dir():
+            return
+        for entry in os.scandir(folder):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            for name in ("stdout.log", "stderr.log"):
+                log_file = Path(entry.path, name)
+                try:
+                    if log_file.stat().st_size == 0:
+                        log_file.unlink()
+                except OSError:
+                    continue
+            try:
+                os.rmdir(entry.path)  # only where nothing is left in it
+            except OSError:
+                pass
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
     def close(self) -> None:
         if not self._events.closed:
+            grouped = self._group is not None
+            self._close_group()
+            if grouped:
+                self.drop_empty_logs()
             self.commit()
             self._events.close()
             self._lock.release()

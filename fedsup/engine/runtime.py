@@ -8,6 +8,7 @@ wake-up pipe that signal handlers write to. No sleep-polling. Tests swap this cl
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class ProcessRuntime:
 
     def kill(self, child: Child, sig: int) -> None:
         child.kill(sig)
+        if sig == signal.SIGKILL:
+            self.launcher.expect_exit(child)  # its fork server owes us the exit status now
 
     def wait(self, children: Iterable[Child], timeout: float | None) -> list[Event]:
         owners: dict[Any, Child] = {}
@@ -117,6 +120,10 @@ class ProcessRuntime:
         for child, info in self.launcher.pending_exits():
             events.extend(self._finish(child, info))
         server = self.launcher.waitables()
+        due = self.launcher.next_deadline()  # a fork server's answer: one missed means it is killed
+        if due is not None:
+            left = max(0.0, due - self.now())
+            timeout = left if timeout is None else min(timeout, left)
         ready = wait([*owners, *server, self.wake_r], 0 if events else timeout)
         for obj in ready:
             if obj == self.wake_r:
@@ -131,6 +138,8 @@ class ProcessRuntime:
                 ended = child.poll_exit()
                 if ended is not None:
                     events.extend(self._finish(child, ended))
+        for child, info in self.launcher.check_deadlines(self.now()):
+            events.extend(self._finish(child, info))
         return events
 
     def _drain(self, child: Child) -> list[Event]:
@@ -143,9 +152,11 @@ class ProcessRuntime:
                 events.append(Message(child, child.conn.recv()))
         except (EOFError, OSError):
             self._closed.add(id(child))
+            self.launcher.expect_exit(child)  # the process is ending: its fork server owes us its exit status
         except Exception as exc:  # noqa: BLE001 - a torn or undecodable message from a dying child
             events.append(Message(child, exc))
             self._closed.add(id(child))
+            self.launcher.expect_exit(child)
         return events
 
     def _finish(self, child: Child, info: ExitInfo) -> list[Event]:
@@ -154,6 +165,7 @@ class ProcessRuntime:
         child.conn.close()
         if child.pid is not None:
             reap_group(child.pid)
+        self.launcher.release(child)  # what it left in its cgroup, wherever it was reparented
         events.append(Exited(child, info))
         return events
 

@@ -58,6 +58,7 @@ class Policy:
     max_training: int | None = None
     max_retries: int = 3          # failures: exceptions, crashes, timeouts, sys.exit
     max_interrupts: int = 5       # out of memory, GPU or host: a resource problem, not the task's bug
+    max_infra_failures: int = 10  # deaths of the infrastructure (a fork server) in a run: not the tasks' fault
     backoff: float = 0.5          # seconds before retrying after host-memory pressure; doubles each time
     backoff_max: float = 30.0
     oom_growth: float = 1.5       # a CUDA OOM raises the task's estimate by this factor (capped)
@@ -121,6 +122,9 @@ class Scheduler:
 
     def submit(self, tasks: Iterable[Task | Job]) -> list[TaskHandle]:
         jobs = [t if isinstance(t, Job) else Job(t) for t in tasks]
+        # Earlier batches' handles that reached their outcome are done with: kept, a session of many batches
+        # (a federated run's rounds) would hold every job it ever ran and check each new id against them all.
+        self.handles = [h for h in self.handles if h.status not in OUTCOMES]
         seen = {h.task_id for h in self.handles}
         for job in jobs:
             if not isinstance(job.task, Task):
@@ -516,7 +520,8 @@ class Scheduler:
             self._cancel(handle, f"the run was stopped by {signal_name(self.stop_signal)}")
             return
         status, error = self._diagnose(handle, info)
-        self._fail_attempt(handle, status, error)
+        infrastructure = info.infrastructure if handle.kill_reason != "timeout" else None
+        self._fail_attempt(handle, status, error, infrastructure)
 
     def _diagnose(self, handle: TaskHandle, info: ExitInfo) -> tuple[TaskStatus, ErrorInfo]:
         """Name what killed the process and the likely cause, with the facts to check it."""
@@ -530,6 +535,9 @@ class Scheduler:
             message = f"{phase}() ran past its {limit or 0:g} s timeout and was killed (SIGKILL)"
         elif info.cause is not None:
             message = f"{info.cause}{where}"
+            if info.infrastructure is not None:
+                message += (f": infrastructure death {info.infrastructure} of the run "
+                            f"(max_infra_failures={self.policy.max_infra_failures}), not charged to the task")
         elif info.signal == signal.SIGKILL:
             kind = "host_oom"
             message = (f"the process was killed by SIGKILL{where}, which fedsup did not send: most likely the "
@@ -544,7 +552,10 @@ class Scheduler:
             message = (f"the process exited with code {info.code}{where} without being told to "
                        f"(os._exit, or a library that calls exit())")
         device = handle.attempt.device if handle.attempt else None
-        error = ErrorInfo(kind=kind, type="ProcessCrashed" if kind != "timeout" else "Timeout", message=message,
+        kind_name = {"timeout": "Timeout"}.get(kind, "ProcessCrashed")
+        if info.infrastructure is not None and kind != "timeout":
+            kind_name = "InfrastructureDeath"
+        error = ErrorInfo(kind=kind, type=kind_name, message=message,
                           phase=phase, exit_code=info.code,  # type: ignore[arg-type]
                           signal=signal_name(info.signal) if info.signal else None, device=device,
                           estimate_cuda_memory=handle.estimate_cuda, stderr_tail=self._stderr_tail(handle) or None)
@@ -557,23 +568,38 @@ class Scheduler:
 
     # ------------------------------------------------------------ retries
 
-    def _fail_attempt(self, handle: TaskHandle, status: TaskStatus, error: ErrorInfo) -> None:
+    def _fail_attempt(self, handle: TaskHandle, status: TaskStatus, error: ErrorInfo,
+                      infrastructure: int | None = None) -> None:
+        """``infrastructure``: the attempt was lost with its fork server (the how-manyth such death of the
+        run): the run's infrastructure budget is spent, not the task's."""
         handle.error = error
         handle.end_attempt(status, error)
-        handle.transition(status, kind=error.kind, error=error.summary())
+        handle.transition(status, kind=error.kind, error=error.summary(), infrastructure=infrastructure)
         self._detach(handle)
-        verdict = self._retry_verdict(handle, error)
+        if infrastructure is not None:
+            verdict = self._infrastructure_verdict(infrastructure)
+        else:
+            verdict = self._retry_verdict(handle, error)
         if self.stop_signal is not None:
             self._cancel(handle, "the run was stopped")
         elif verdict is not None:
             handle.reason = verdict
             handle.transition(S.FAILED, reason=verdict)
         else:
-            handle.transition(S.INIT, retry=len(handle.history) + 1, estimate_cuda_memory=handle.estimate_cuda)
+            handle.transition(S.INIT, retry=len(handle.history) + 1, estimate_cuda_memory=handle.estimate_cuda,
+                              infrastructure=infrastructure)
             if handle.not_before > self.runtime.now():
                 heapq.heappush(self.delayed, (handle.not_before, next(self._seq), handle))
             else:
                 self.ready.append(handle)
+
+    def _infrastructure_verdict(self, death: int) -> str | None:
+        """Requeue a task lost with its fork server, unless the run's infrastructure has died too often."""
+        budget = self.policy.max_infra_failures
+        if death > budget:
+            return (f"its fork server died, infrastructure death {death} of the run, past its budget "
+                    f"(max_infra_failures={budget}): the machine or something on it keeps killing fedsup's processes")
+        return None
 
     def _retry_verdict(self, handle: TaskHandle, error: ErrorInfo) -> str | None:
         """Spend the right budget; return why the task fails for good, or None to retry."""

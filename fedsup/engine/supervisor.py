@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import psutil
 
+from fedsup.engine import backends
 from fedsup.engine.devices import DEFAULT_CONTEXT_MEMORY, DEFAULT_MARGIN, Inventory, cpu_cores
 from fedsup.engine.errors import RunInterrupted
 from fedsup.engine.faults import FaultPlan
@@ -57,6 +58,11 @@ class Supervisor:
     indices, or described devices such as ``[{"name": "cuda:0", "memory": "16GiB"}]`` for tests and dry runs.
     ``max_loaded`` bounds the live task processes (loading, loaded or training); ``max_training`` the ones
     training at once (on the CPU, the tasks' ``cpus`` never add up to more cores than the machine has).
+    ``max_infra_failures``: how many times the infrastructure (a fork server) may die in a run; the tasks it
+    takes with it are queued again without spending their ``max_retries``, and past the budget they fail.
+    ``server_timeout``: seconds a fork server has to answer (a child's pid, a dying child's exit status);
+    ``server_start_timeout``: to be serving after its start (its warm-up). A server that misses either
+    (stopped, hung) is killed and replaced.
     """
 
     def __init__(
@@ -80,8 +86,16 @@ class Supervisor:
         keep_loaded: bool = False,
         enforce_memory: bool = False,
         tasks_per_process: int | Literal["auto"] = "auto",
+        max_infra_failures: int = 10,
+        server_timeout: float = 10.0,
+        server_start_timeout: float = 120.0,
+        backend: str = "local",
+        ray_address: str = "auto",
     ) -> None:
-        for name, count in (("max_retries", max_retries), ("max_interrupts", max_interrupts)):
+        # every option but the backend's, for a backend that runs a local supervisor on each of its nodes
+        self.options = {k: v for k, v in locals().items() if k not in ("self", "backend", "ray_address")}
+        for name, count in (("max_retries", max_retries), ("max_interrupts", max_interrupts),
+                            ("max_infra_failures", max_infra_failures)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"{name}: expected a whole number >= 0, got {count!r}")
         optional: tuple[tuple[str, int | None], ...] = (
@@ -93,6 +107,8 @@ class Supervisor:
         _positive("load_timeout", load_timeout)
         _positive("train_timeout", train_timeout)
         _positive("grace_period", grace_period, allow_none=False)
+        _positive("server_timeout", server_timeout, allow_none=False)
+        _positive("server_start_timeout", server_start_timeout, allow_none=False)
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(f"start_method: expected 'forkserver' or 'spawn', got {start_method!r}")
         if isinstance(retry_backoff, bool) or not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
@@ -107,6 +123,7 @@ class Supervisor:
             max_training=max_training,
             max_retries=max_retries,
             max_interrupts=max_interrupts,
+            max_infra_failures=max_infra_failures,
             backoff=float(retry_backoff),
             load_timeout=load_timeout,
             train_timeout=train_timeout,
@@ -118,13 +135,16 @@ class Supervisor:
         )
         self.run_dir = run_dir
         self.start_method = start_method
+        self.server_timeouts = (float(server_timeout), float(server_start_timeout))
         self.scheduler: Scheduler | None = None
+        # "local": the sessions below; another (``fedsup.engine.backends``) runs them, e.g. on a Ray cluster
+        self.backend = backends.make(backend, self, {"ray_address": ray_address})
 
     def run(self, tasks: Iterable[Task]) -> list[TaskRecord]:
         """Run every task to an outcome and return one record per task, in input order.
 
         A task that fails keeps failing alone: its record says FAILED with the root cause, and the others go
-        on. On SIGINT or SIGTERM the run stops in order and ``RunInterrupted`` (a KeyboardInterrupt) is
+        on. On SIGINT, SIGTERM or SIGHUP the run stops in order and ``RunInterrupted`` (a KeyboardInterrupt) is
         raised with the records as they were left.
         """
         tasks = list(tasks)
@@ -138,9 +158,13 @@ class Supervisor:
         ``tasks`` are the ones that will run, so that the fork server can import their modules.
         """
         tasks = list(tasks)
+        if self.backend is not None:
+            with self.backend.session(tasks) as remote:
+                yield remote
+            return
         run_dir = RunDir(self.run_dir) if self.run_dir is not None else None
         launcher = make_launcher(self.start_method, max((t.cpus for t in tasks), default=1),
-                                 reuse=self.policy.tasks_per_process > 1)
+                                 reuse=self.policy.tasks_per_process > 1, timeouts=self.server_timeouts)
         runtime = ProcessRuntime(launcher)
         scheduler = Scheduler(self.policy, self.inventory, runtime, run_dir,
                               host_memory=psutil.virtual_memory().available)
@@ -181,7 +205,12 @@ class Supervisor:
             return lambda: None
         def handler(signum: int, frame: FrameType | None) -> None:
             runtime.wake(signum)
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP (the terminal or the ssh session went away) stops in order too, as SIGTERM does; unless it is
+        # ignored (nohup): then the run goes on, as the user asked
+        stops = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            stops.append(signal.SIGHUP)
+        previous = {sig: signal.signal(sig, handler) for sig in stops}
         def restore() -> None:
             for sig, old in previous.items():
                 signal.signal(sig, old)

@@ -8,7 +8,6 @@ the parent's size in a forked child), CPU time is a getrusage delta, GPU peak is
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import io
 import os
@@ -24,11 +23,17 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from fedsup.engine.containment import (
+    become_subreaper,
+    child_pids,
+    end_descendants,
+    join_cgroup,
+    set_parent_death_signal,
+)
 from fedsup.engine.contract import UPDATE_CONTRACT, check_update
 from fedsup.engine.messages import Began, Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, StateRef, Train
 from fedsup.engine.records import ErrorInfo, ErrorKind, Phase, PhaseRecord
 
-_PR_SET_PDEATHSIG = 1
 _HOST_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
 _CUDA_OOM_MARKERS = (
     "CUDA out of memory",
@@ -52,15 +57,12 @@ class ChildSpec:
     parent_pid: int | None = None
     memory_limit: int | None = None   # bytes the process may grow by (address space), or None
     one_off: bool = False             # a short job without training (see scheduler.Job.one_off)
+    cgroup: str | None = None         # the cgroup v2 folder the process moves into (containment.Cgroups)
 
 
-def die_with_parent(parent_pid: int | None) -> None:
-    """Ask the kernel for SIGKILL when our parent dies, and cover the race where it already has."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+def die_with_parent(parent_pid: int | None, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel for ``sig`` when our parent dies, and cover the race where it already has."""
+    set_parent_death_signal(sig)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)
 
@@ -72,8 +74,10 @@ def _redirect(path: str, fd: int) -> None:
 
 
 def setup_child(spec: ChildSpec) -> None:
-    """Process-wide settings, in the order that matters: identity, signals, files, threads."""
+    """Process-wide settings, in the order that matters: identity, containment, signals, files, threads."""
     die_with_parent(spec.parent_pid)
+    join_cgroup(spec.cgroup)
+    become_subreaper()  # orphans below us (double forks, setsid daemons) stay ours, to end with the task
     try:
         os.setpgid(0, 0)  # our own group: the terminal's Ctrl-C goes to the supervisor, which shuts us down
     except OSError:
@@ -135,37 +139,13 @@ def place(spec: ChildSpec) -> None:
         restore_memory_limit()  # a reused process may still hold the last task's limit
 
 
-def _has_children() -> bool:
-    """Cheaply, from /proc/self/task/*/children (a walk of the whole process table costs ~0.6 ms here and
-    grows with it: too much for a step between two tasks of a few ms each)."""
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                if f.read().strip():
-                    return True
-    except OSError:
-        return True  # no such file on this kernel: look the slow way
-    return False
-
-
 def end_helpers() -> None:
-    """Kill what the last task started and left running (a data loader's workers, a helper): a task's
-    processes end with the task, whether or not its process goes on to the next one."""
-    if not _has_children():
-        return
-    import psutil
-
-    helpers = psutil.Process().children(recursive=True)
-    for helper in helpers:
-        try:
-            helper.kill()
-        except psutil.NoSuchProcess:
-            pass
-    for helper in helpers:
-        try:
-            os.waitpid(helper.pid, 0)  # ours: reap it; a grandchild is its own parent's (or init's) to reap
-        except ChildProcessError:
-            pass
+    """Kill what the last task started and left running (a data loader's workers, a helper, a daemon that
+    double-forked into a session of its own: as a subreaper this process is the parent of every orphan
+    below it): a task's processes end with the task, whether or not its process goes on to the next one.
+    Cheap when there is nothing to kill: one read of /proc/self/task/*/children."""
+    if child_pids():
+        end_descendants(timeout=5.0)  # well within the fork server's reply deadline for our own exit
 
 
 _unlimited_as: tuple[int, int] | None = None  # RLIMIT_AS before fedsup first limited it in this process
@@ -513,5 +493,6 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     """Entry point of a task's process (spawned directly, or forked by the fork server)."""
     setup_child(spec)
     Worker(conn).serve()
+    end_helpers()
     sys.stdout.flush()
     sys.stderr.flush()

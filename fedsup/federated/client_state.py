@@ -8,10 +8,13 @@ the run directory:
 
 The worker writes the pending file atomically before it reports the job finished. Just before a round's
 line in ``rounds.jsonl`` (its commit point) the pending files of the round's finished clients are renamed
-into ``client_state/``; after the line, each such client's older file is removed. A job that failed, or a
-round that never reached its line, leaves nothing behind that a later round reads: ``recover`` drops the
-files of rounds after the last complete one, and a client's state for round R is always its newest file
-from a round before R. One file per client lives on, so the folder holds one entry per client with state.
+into ``client_state/``; after the line, each such client's files that no resumable round needs any more are
+removed. A resume may start from any of the newest ``checkpoints.keep_last`` complete rounds (from the
+oldest of them, ``oldest``), and a client's state for round R is its newest file from a round before R: so
+a client keeps its newest file from round ``oldest`` or before, and every newer one, at most ``keep_last``
++ 1 files (one with ``keep_last: 1``). A job that failed, or a round that never reached its line, leaves
+nothing behind that a later round reads: ``recover`` drops the files of rounds after the one resumed from.
+Nothing here loops over all clients: a client's files are pruned when it trains again.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ class ClientStates:
 
     def __init__(self, run_dir: Path) -> None:
         self.root = run_dir / "client_state"
-        self.latest: dict[int, int] = {}  # client -> the round of its committed state
+        self.kept: dict[int, list[int]] = {}  # client -> the rounds of its committed states, oldest first
 
-    def recover(self, done: int) -> None:
-        """Index the committed states. Remove any written for a round after ``done`` (never committed), and
-        any older than a client's newest (a kill between a round's commit line and its prune leaves two)."""
-        self.latest.clear()
+    def recover(self, done: int, oldest: int | None = None) -> None:
+        """Index the committed states of a run resumed from round ``done`` whose oldest resumable round is now
+        ``oldest`` (default ``done``). Remove any written for a round after ``done`` (never committed, or
+        given up by the resume), and any that no round from ``oldest`` on needs (a kill between a round's
+        commit line and its prune leaves them)."""
+        self.kept.clear()
         if not self.root.is_dir():
             return
         found: dict[int, list[int]] = {}
@@ -47,14 +52,12 @@ class ClientStates:
             else:
                 found.setdefault(client, []).append(round_)
         for client, rounds in found.items():
-            self.latest[client] = max(rounds)
-            for stale in rounds:
-                if stale != self.latest[client]:
-                    self._path(client, stale).unlink(missing_ok=True)
+            self.kept[client] = sorted(rounds)
+            self._drop_unneeded(client, done if oldest is None else oldest)
 
     def committed(self, client: int) -> Path | None:
-        round_ = self.latest.get(client)
-        return None if round_ is None else self._path(client, round_)
+        rounds = self.kept.get(client)
+        return None if not rounds else self._path(client, rounds[-1])
 
     @staticmethod
     def pending(update_dir: Path, client: int) -> Path:
@@ -71,13 +74,21 @@ class ClientStates:
                 moved.append(client)
         return moved
 
-    def prune(self, round_: int, clients: list[int]) -> None:
-        """After the round's commit line: each moved client's state of an earlier round is no longer needed."""
+    def prune(self, round_: int, clients: list[int], oldest: int | None = None) -> None:
+        """After the round's commit line: each moved client's states that no round from ``oldest`` (default
+        ``round_``: only the newest is kept) to ``round_`` needs are removed."""
         for client in clients:
-            previous = self.latest.get(client)
-            if previous is not None and previous != round_:
-                self._path(client, previous).unlink(missing_ok=True)
-            self.latest[client] = round_
+            rounds = self.kept.setdefault(client, [])
+            if not rounds or rounds[-1] != round_:
+                rounds.append(round_)
+            self._drop_unneeded(client, round_ if oldest is None else oldest)
+
+    def _drop_unneeded(self, client: int, oldest: int) -> None:
+        """Keep the client's newest state from round ``oldest`` or before, and every newer one."""
+        rounds = self.kept[client]
+        base = max((r for r in rounds if r <= oldest), default=None)
+        while rounds and base is not None and rounds[0] < base:
+            self._path(client, rounds.pop(0)).unlink(missing_ok=True)
 
     def _path(self, client: int, round_: int) -> Path:
         return self.root / f"client-{client}.round-{round_}.pt"

@@ -43,11 +43,13 @@ def plan_round(seed: int, round_: int, chosen: list[int], *, dropout: float = 0.
     """The round's stragglers and dropouts among ``chosen`` (sorted client ids), from (seed, round)."""
     rng = random.Random(_seed(seed, round_))
     dropped_out = [c for c in chosen if rng.random() < dropout] if dropout else []
-    present = [c for c in chosen if c not in set(dropped_out)]
+    gone = set(dropped_out)  # once, not per client: the work is per sampled client, never per client of the run
+    present = [c for c in chosen if c not in gone]
     count = min(len(present), straggler_count(straggler_fraction, len(chosen)))
     slow = sorted(rng.sample(present, count)) if count else []
     if mode == "drop":
-        return RoundPlan([c for c in present if c not in set(slow)], dropped=slow, dropped_out=dropped_out)
+        late = set(slow)
+        return RoundPlan([c for c in present if c not in late], dropped=slow, dropped_out=dropped_out)
     work = {c: max(MIN_WORK_FRACTION, rng.random()) for c in slow}
     return RoundPlan(present, work=work, dropped_out=dropped_out)
 

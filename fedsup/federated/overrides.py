@@ -13,7 +13,7 @@ from typing import Any, get_origin
 import yaml
 from pydantic import BaseModel
 
-from fedsup.federated.problems import did_you_mean, fields_of, model_in, show, yaml_reason
+from fedsup.federated.problems import YamlBoundsError, did_you_mean, fields_of, load_yaml, model_in, show, yaml_reason
 
 
 def _override_target(data: dict[str, Any], parts: list[str]) -> tuple[dict[str, Any] | None, str | None]:
@@ -52,9 +52,11 @@ def _apply_one(root: type[BaseModel], data: dict[str, Any], override: str) -> st
     if not sep or not key:
         return f"{override!r}: expected an override KEY=VALUE such as federation.rounds=10"
     try:
-        value = yaml.safe_load(raw)
+        value, _ = load_yaml(raw)  # bounded like a config file: a value can be an alias bomb too
     except yaml.YAMLError as exc:
         return f"{key}: the value is not YAML: {yaml_reason(exc)} (got {raw!r})"
+    except YamlBoundsError as exc:
+        return f"{key}: {exc} (got {show(raw)})"
     parts = key.split(".")
     problem = _override_path_problem(root, parts)
     if problem:

@@ -71,11 +71,16 @@ def _cuts(proportions: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _assemble(classes: list[np.ndarray], cuts: np.ndarray, num_clients: int) -> list[np.ndarray]:
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    """Each client's samples, ascending: every sample is given its owner (one array operation per class, none
+    per client and class: 10,000 clients cost what 10 do), then one stable sort by owner groups them."""
+    total = sum(len(members) for members in classes)
+    owner = np.empty(total, dtype=np.int64)
+    clients = np.arange(num_clients, dtype=np.int64)
     for members, cut in zip(classes, cuts, strict=True):
-        for client in range(num_clients):
-            parts[client].append(members[cut[client] : cut[client + 1]])
-    return [_sorted(np.concatenate(pieces)) for pieces in parts]
+        owner[members] = np.repeat(clients, np.diff(cut))
+    by_owner = np.argsort(owner, kind="stable")  # ascending sample index within each client
+    sizes = np.bincount(owner, minlength=num_clients)
+    return [part.astype(np.int64) for part in np.split(by_owner, np.cumsum(sizes)[:-1])]
 
 
 def shards(labels: np.ndarray, num_clients: int, shards_per_client: int = 2, seed: int = 0) -> list[np.ndarray]:

@@ -18,12 +18,15 @@ fedsup run is refused, never written over. Every client update is checked agains
 RUN_DIR/fedsup.lock  config.yaml  events.jsonl  rounds.jsonl  summary.json
         checkpoints/initial.pt  round-N.pt  final.pt      updates/round-N/client-I.pt (until round N is done)
                     round-N.strategy.pt (a strategy's state: server momentum, moments)
-        tasks/<task>/record.json   tasks/client-I/{stdout,stderr}.log
+                    (round-N: the newest ``checkpoints.keep_last`` rounds and every ``every``-th; retention.py)
+        records/initial.jsonl  records/round-N.jsonl (every job's record, a JSON line each)
+        client_state/client-I.round-R.pt   tasks/client-I/{stdout,stderr}.log (where a client printed)
 ```
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,7 +48,7 @@ from fedsup.engine.contract import UPDATE_CONTRACT, check_update, describe, upda
 from fedsup.engine.errors import RunDirError, RunFailed, TaskContractError
 from fedsup.engine.messages import StateRef
 from fedsup.engine.records import ErrorInfo, TaskRecord
-from fedsup.engine.rundir import LOCK_FILE, lock_run_dir, read_records, write_atomic, write_json
+from fedsup.engine.rundir import LOCK_FILE, lock_run_dir, read_record_lines, read_records, write_atomic, write_json
 from fedsup.engine.scheduler import Job
 from fedsup.engine.states import TaskStatus
 from fedsup.engine.supervisor import Session, Supervisor
@@ -53,12 +56,13 @@ from fedsup.engine.task import Task
 from fedsup.engine.units import parse_bytes
 from fedsup.federated.client_state import ClientStates
 from fedsup.federated.heterogeneity import RoundPlan, plan_round
+from fedsup.federated.retention import Retention, prune, sweep
 from fedsup.federated.strategies import ClientUpdate, Strategy, weighted_metrics
 
 log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 # Keys that may change between a run and its resumption: they decide how, not what, is computed.
-RESUMABLE_CHANGES = ("supervisor", "output")
+RESUMABLE_CHANGES = ("supervisor", "output", "checkpoints")
 # What only fedsup writes at the top of a run directory: one of them there means the folder is a run's.
 RUN_MARKS = (LOCK_FILE, "events.jsonl", "rounds.jsonl")
 CAUSES_SHOWN = 3  # failing jobs named, with their errors, in the message of a run that fails
@@ -82,6 +86,8 @@ class FederationSpec:
     straggler_mode: str = "partial"         # or "drop"
     dropout: float = 0.0
     reject_nonfinite: bool = True           # an update holding NaN or Inf breaks the contract
+    keep_last: int | None = 3               # checkpoints kept: the newest complete rounds (None: all) ...
+    checkpoint_every: int | None = 50       # ... and every k-th round (None: none); see retention.py
     task_options: dict[str, Any] = field(default_factory=dict)  # estimate_memory, estimate_cuda_memory, cpus
     supervisor: dict[str, Any] = field(default_factory=dict)    # Supervisor keyword arguments
     config: dict[str, Any] | None = None                         # the resolved config, written as config.yaml
@@ -103,6 +109,7 @@ class RoundResult:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     num_examples: int = 0
+    jobs: dict[str, float] = field(default_factory=dict)  # the round's jobs in totals: tasks, attempts, ...
 
     def to_json(self) -> dict[str, Any]:
         return {"round": self.round, "started": self.started, "ended": self.ended,
@@ -110,7 +117,7 @@ class RoundResult:
                 "finished": self.finished, "failed": self.failed, "retried": self.retried,
                 "resumed": self.resumed, "stragglers": self.stragglers, "dropped": self.dropped,
                 "dropped_out": self.dropped_out, "train_metrics": self.train_metrics,
-                "eval_metrics": self.eval_metrics, "num_examples": self.num_examples}
+                "eval_metrics": self.eval_metrics, "num_examples": self.num_examples, "jobs": self.jobs}
 
 
 def derive_seed(*parts: object) -> int:
@@ -120,6 +127,9 @@ def derive_seed(*parts: object) -> int:
 
 
 def sample_clients(seed: int, round_: int, clients: int, per_round: int) -> list[int]:
+    """The round's clients, sorted. ``random.sample`` of a ``range`` draws ``per_round`` numbers without
+    building the population (for any population larger than a few times ``per_round``), so a round of 50
+    of 100,000 clients costs what a round of 50 of 100 does."""
     return sorted(random.Random(derive_seed(seed, "sample", round_)).sample(range(clients), per_round))
 
 
@@ -209,15 +219,29 @@ class Federation:
         self.on_event = on_event
         self.round = 0
         self.supervisor = Supervisor(**{**spec.supervisor, "run_dir": spec.output, "keep_loaded": True})
-        self.clients = [self._make_client(i) for i in range(spec.clients)]
+        # Client objects are made when a round needs them (one round's worth at a time), never all up front:
+        # a federation of 10,000 clients costs the main process nothing per client it does not sample.
+        self.first_client = self._make_client(0)  # the class checked now, and its module for the fork server
+        self._clients: dict[int, Task] = {}
         self.spec.strategy.setup(clients=spec.clients)
         self.client_states = ClientStates(self.path)
-        self.rounds: list[RoundResult] = []
+        self.retention = Retention(spec.keep_last, spec.checkpoint_every)
+        self.last: RoundResult | None = None  # the newest complete round: what summary.json shows of it
+        self.completed = 0
         self.started = time.time()
-        # per task id: (attempts, failed, cpu_time), for summary.json's totals without rereading every record
-        self._tally: dict[str, tuple[int, bool, float]] = {}
+        # summary.json's totals: of the complete rounds (and the initial state), and, per task id, of the
+        # jobs of the round under way; nothing here grows with the rounds
+        self._base = _totals([])
+        self._current: dict[str, tuple[int, bool, float]] = {}
 
     # ------------------------------------------------------------ set-up
+
+    def _client(self, client_id: int) -> Task:
+        """Client ``client_id``'s object for this round's jobs (its train and evaluate share one)."""
+        client = self._clients.get(client_id)
+        if client is None:
+            client = self._clients[client_id] = self._make_client(client_id)
+        return client
 
     def _make_client(self, client_id: int) -> Task:
         client = self.spec.task_class(client_id=client_id, **self.spec.task_args)
@@ -269,16 +293,46 @@ class Federation:
             raise RunDirError(f"--resume: {self.path} holds no run to resume")
         self._check_config()
         lines = read_jsonl(self.path / "rounds.jsonl")
-        done = 0
-        for line in lines:
-            if line.get("round") != done + 1 or not (self.path / "checkpoints" / f"round-{done + 1}.pt").exists():
-                break
-            done += 1
+        done, complete = self._resumable_round(lines)
+        self._drop_updates(keep=done + 1 if done == complete else None)
         if done < len(lines) or (self.path / "rounds.jsonl").exists():
             # keep only the complete rounds, so that new lines never follow a torn one
             text = "".join(json.dumps(line) + "\n" for line in lines[:done])
             write_atomic(self.path / "rounds.jsonl", text.encode())
         return done
+
+    def _drop_updates(self, keep: int | None) -> None:
+        """Remove the updates of every round but ``keep``, the one the resume goes on with: a committed round's
+        (a kill before their removal left them), and where rounds are given up, theirs (the client states
+        they moved into place are gone, so their jobs must run again)."""
+        folder = self.path / "updates"
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                if entry.name != f"round-{keep}":
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _resumable_round(self, lines: list[dict[str, Any]]) -> tuple[int, int]:
+        """The round a resume starts from: the newest complete round whose checkpoint is there, among those
+        retention keeps for resume (their strategy and client states are kept too); rounds after it run
+        again. Pruning never removes the newest complete round's checkpoint, so that is the one but where
+        a checkpoint was deleted by hand."""
+        complete = 0
+        for line in lines:
+            if line.get("round") != complete + 1:
+                break
+            complete += 1
+        folder = self.path / "checkpoints"
+        for round_ in range(complete, self.retention.oldest_resumable(complete) - 1, -1):
+            if (folder / f"round-{round_}.pt").exists():
+                if round_ < complete:
+                    log.warning("%s: round-%d.pt is missing; resuming from round %d (rounds %d to %d run again)",
+                                folder, complete, round_, round_ + 1, complete)
+                return round_, complete
+        if complete:
+            raise RunDirError(f"--resume: {self.path / 'rounds.jsonl'} says {complete} round(s) are complete, but "
+                              f"{folder} holds none of the checkpoints a resume can start from (round-"
+                              f"{self.retention.oldest_resumable(complete)}.pt to round-{complete}.pt)")
+        return 0, 0
 
     def _write_config(self) -> None:
         if self.spec.config is not None:
@@ -323,14 +377,13 @@ class Federation:
 
     def _run(self, resume: bool) -> dict[str, Any]:
         done = self._prepare_dir(resume)
-        self.client_states.recover(done)
-        self._count("*")  # what earlier runs of this directory did
-        self.rounds = [RoundResult(**{k: v for k, v in line.items() if k in RoundResult.__dataclass_fields__})
-                       for line in read_jsonl(self.path / "rounds.jsonl")[:done]]
+        sweep(self.path / "checkpoints", self.retention, done)
+        self.client_states.recover(done, self.retention.oldest_resumable(done))
+        self._resume_totals(read_jsonl(self.path / "rounds.jsonl")[:done])
         shm = SharedMemory()
         status = "failed"
         try:
-            with self.supervisor.session(self.clients) as session:
+            with self.supervisor.session([self.first_client]) as session:
                 assert session.run_dir is not None
                 session.run_dir.event(event="run_started", resume=resume, from_round=done + 1)
                 self._emit(event="run_started", resume=resume, from_round=done + 1, rounds=self.spec.rounds)
@@ -357,7 +410,7 @@ class Federation:
         initial = self.path / "checkpoints" / "initial.pt"
         if initial.exists():
             return load_state(initial)
-        client = self.clients[0]
+        client = self.first_client
         if type(client).initial_state is Task.initial_state:
             return None
         # One-off: not kept for client 0 (the first round may not sample it), and not counted against the
@@ -365,7 +418,10 @@ class Federation:
         job = Job(client, task_id="initial-state", method="initial_state", federated=True,
                   state_path=str(initial), seed=derive_seed(self.spec.seed, "initial"), one_off=True)
         initial.parent.mkdir(parents=True, exist_ok=True)
+        assert session.run_dir is not None
+        session.run_dir.use_records("initial")
         record = session.run([job])[0]
+        self._base = _add(self._base, _totals([_tally(record)]))
         self._check_contract(record)
         if not record.ok:
             raise RunFailed(f"initial_state() failed: {record.error.summary() if record.error else 'unknown'}")
@@ -373,6 +429,9 @@ class Federation:
 
     def _round(self, session: Session, shm: SharedMemory, round_: int, state: State | None) -> State:
         self.round = round_
+        self._current, self._clients = {}, {}
+        assert session.run_dir is not None
+        session.run_dir.use_records(f"round-{round_}")
         result = RoundResult(round_, time.time())
         chosen = sample_clients(self.spec.seed, round_, self.spec.clients, self.spec.clients_per_round)
         plan = plan_round(self.spec.seed, round_, chosen, dropout=self.spec.dropout,
@@ -395,7 +454,7 @@ class Federation:
         new_state = self.spec.strategy.aggregate(reference, updates)
         save_state(new_state, self.path / "checkpoints" / f"round-{round_}.pt")
         save_strategy_state(self.spec.strategy, self.path / "checkpoints" / f"round-{round_}.strategy.pt")
-        if self.spec.evaluate and type(self.clients[0]).evaluate is not Task.evaluate:
+        if self.spec.evaluate and type(self.first_client).evaluate is not Task.evaluate:
             new_broadcast = self._broadcast(shm, round_, new_state, name="global-eval")
             result.eval_metrics = self._evaluate(session, round_, plan.train, new_broadcast)
         result.ended = time.time()
@@ -449,7 +508,7 @@ class Federation:
             context = {**shared, "round": round_, "proximal_mu": self.spec.proximal_mu,
                        "work_fraction": plan.work_fraction(i), "client_state": self._client_state_ref(i),
                        UPDATE_CONTRACT: contract}
-            jobs.append((i, Job(self.clients[i], task_id=task_id, context=context, state_path=str(path),
+            jobs.append((i, Job(self._client(i), task_id=task_id, context=context, state_path=str(path),
                                 seed=derive_seed(self.spec.seed, round_, i), federated=True,
                                 client_state_path=str(ClientStates.pending(update_dir, i)))))
         ran = session.run([job for _, job in jobs])
@@ -474,6 +533,7 @@ class Federation:
         updates, failures = [], []
         for i in plan.train:
             record = records[i]
+            self._current[record.task_id] = _tally(record)
             (result.finished if record.ok else result.failed).append(record.task_id)
             if record.attempts > 1:
                 result.retried.append(record.task_id)
@@ -551,14 +611,16 @@ class Federation:
             task_id = self._task_id(round_, i, "evaluate")
             previous = session.run_dir.read_record(task_id) if session.run_dir else None
             if previous is not None and previous.ok:
+                self._current[task_id] = _tally(previous)
                 results.append((int(previous.result["num_examples"]), previous.result))
                 continue
             update_dir = self.path / "updates" / f"round-{round_}"
-            jobs.append(Job(self.clients[i], task_id=task_id, method="evaluate", federated=True,
+            jobs.append(Job(self._client(i), task_id=task_id, method="evaluate", federated=True,
                             context={"global_state": broadcast, "round": round_,
                                      "client_state": self._client_state_ref(i, update_dir)},
                             seed=derive_seed(self.spec.seed, round_, i, "evaluate")))
         for record in session.run(jobs):
+            self._current[record.task_id] = _tally(record)
             self._check_contract(record)
             if record.ok:
                 results.append((int(record.result["num_examples"]), record.result))
@@ -572,7 +634,7 @@ class Federation:
 
     def _finish_round(self, session: Session, result: RoundResult) -> None:
         """rounds.jsonl is the commit point of a round: after it, the round's updates are no longer needed."""
-        self.rounds.append(result)
+        result.jobs = _totals(self._current.values())
         line = json.dumps(result.to_json()) + "\n"
         assert session.run_dir is not None
         clients = [int(task.rsplit("client-", 1)[1]) for task in result.finished]
@@ -582,45 +644,80 @@ class Federation:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.client_states.prune(result.round, kept)
+        # only now that the line is on disk: a checkpoint being pruned is never the newest complete one
+        self.client_states.prune(result.round, kept, self.retention.oldest_resumable(result.round))
+        prune(self.path / "checkpoints", self.retention, result.round)
         shutil.rmtree(self.path / "updates" / f"round-{result.round}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.path / "updates").rmdir()  # between rounds, an empty folder is only clutter
         session.run_dir.event(event="round_finished", round=result.round, finished=len(result.finished),
                               failed=len(result.failed), eval_metrics=result.eval_metrics)
+        self.last, self.completed = result, self.completed + 1
+        self._base, self._current = _add(self._base, result.jobs), {}
         self._emit(event="round_finished", **result.to_json())
         self._summary("running")
 
-    def _count(self, *folders: str) -> None:
-        """Add the records of the task folders matching ``folders`` to the totals of summary.json."""
-        for pattern in folders:
-            for record in read_records(self.path, pattern):
-                self._tally[record.task_id] = (record.attempts, record.status is TaskStatus.FAILED,
-                                               record.cpu_time)
+    def _resume_totals(self, lines: list[dict[str, Any]]) -> None:
+        """The totals and the newest round of the complete rounds a resume keeps, from their lines (and, for a
+        run directory of the older layout, whose lines lack them, from its per-task records)."""
+        self.completed = len(lines)
+        if lines:
+            fields = RoundResult.__dataclass_fields__
+            self.last = RoundResult(**{k: v for k, v in lines[-1].items() if k in fields})
+        records, _ = read_record_lines(self.path / "records" / "initial.jsonl")
+        self._base = _totals([_tally(r) for r in records.values()])
+        if all(isinstance(line.get("jobs"), dict) for line in lines):
+            for line in lines:
+                self._base = _add(self._base, line["jobs"])
+            return
+        done = len(lines)
+        legacy = [r for r in read_records(self.path)
+                  if r.task_id == "initial-state" or _round_of(r.task_id) in range(1, done + 1)]
+        self._base = _add(self._base, _totals([_tally(r) for r in legacy]))
 
     def _summary(self, status: str) -> dict[str, Any]:
-        # only the records that may be new since the last summary, the current round's: rereading every record
-        # after each round would cost rounds x clients reads
-        self._count("initial-state", f"round-{self.round}.*")
-        tally = self._tally.values()
-        last = self.rounds[-1] if self.rounds else None
+        if status not in ("running", "finished") and self.round:
+            # a round cut short: its jobs' records as written, those session.run never handed back too
+            found, _ = read_record_lines(self.path / "records" / f"round-{self.round}.jsonl")
+            self._current.update({task: _tally(r) for task, r in found.items()})
+        totals = _add(self._base, _totals(self._current.values()))
+        last = self.last
         summary = {
             "name": self.spec.name,
             "status": status,
             "rounds": self.spec.rounds,
-            "rounds_completed": len(self.rounds),
+            "rounds_completed": self.completed,
             "final_metrics": {**(last.train_metrics if last else {}),
                               **{f"eval_{k}": v for k, v in (last.eval_metrics if last else {}).items()}},
-            "totals": {
-                "tasks": len(tally),
-                "attempts": sum(attempts for attempts, _, _ in tally),
-                "failed": sum(failed for _, failed, _ in tally),
-                "cpu_time": round(sum(cpu for _, _, cpu in tally), 3),
-                "duration": round(time.time() - self.started, 3),
-            },
+            "totals": {**totals, "duration": round(time.time() - self.started, 3)},
             "started": self.started,
             "ended": time.time(),
         }
         write_json(self.path / "summary.json", summary)
         return summary
+
+
+def _tally(record: TaskRecord) -> tuple[int, bool, float]:
+    return record.attempts, record.status is TaskStatus.FAILED, record.cpu_time
+
+
+def _totals(tally: Any) -> dict[str, Any]:
+    rows = list(tally)
+    return {"tasks": len(rows), "attempts": sum(a for a, _, _ in rows), "failed": sum(f for _, f, _ in rows),
+            "cpu_time": round(sum(c for _, _, c in rows), 6)}
+
+
+def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {"tasks": int(a["tasks"]) + int(b.get("tasks", 0)),
+            "attempts": int(a["attempts"]) + int(b.get("attempts", 0)),
+            "failed": int(a["failed"]) + int(b.get("failed", 0)),
+            "cpu_time": round(float(a["cpu_time"]) + float(b.get("cpu_time", 0.0)), 6)}
+
+
+def _round_of(task_id: str) -> int:
+    """R of a job id ``round-R.client-I[.method]``; 0 for any other id."""
+    head = task_id.split(".", 1)[0]
+    return int(head[6:]) if head.startswith("round-") and head[6:].isdigit() else 0
 
 
 def _cause(record: TaskRecord) -> str:

@@ -41,6 +41,8 @@ def build_spec(config: RunConfig, output: str | os.PathLike[str] | None = None) 
         straggler_mode=fed.stragglers.mode if fed.stragglers else "partial",
         dropout=fed.dropout,
         reject_nonfinite=fed.reject_nonfinite,
+        keep_last=config.checkpoints.keep_last,
+        checkpoint_every=config.checkpoints.every,
         task_options={"estimate_memory": task.estimate_memory, "estimate_cuda_memory": task.estimate_cuda_memory,
                       "cpus": task.cpus},
         supervisor=supervisor_kwargs(config),

@@ -157,12 +157,13 @@ class Scale:
 def render_timeline(d: Digest, run: RunData) -> str:
     if not any(a.spans for a in d.attempts):
         return '<p class="note">No task phases in the event log or the records: nothing to draw.</p>'
-    scale = Scale(0.0, max(d.wall_time, 1e-3), LANE_LABEL, WIDTH - 24)
-    attempts, merged_px = coarsen(d.attempts, scale)
+    lo = _detailed_start(d, run)
+    scale = Scale(lo, max(d.wall_time, lo + 1e-3), LANE_LABEL, WIDTH - 24)
+    attempts, merged_px = coarsen([a for a in d.attempts if a.spans and a.end - d.started >= lo], scale)
     lanes = _lanes(attempts)
     rows = sum(len(r) for _, r in lanes)
     row_h = max(2.0, min(18.0, 1100.0 / max(rows, 1)))  # a thousand rows still fit in about 2,000 px
-    rounds = _round_times(run)
+    rounds = [r for r in _round_times(run) if r[1] - d.started >= lo]
     top = 50.0 if rounds else 32.0
     backgrounds, body, y = [], [], top
     for index, (device, lane_rows) in enumerate(lanes):
@@ -174,6 +175,9 @@ def render_timeline(d: Digest, run: RunData) -> str:
     axis = _time_axis(scale, y + 2)
     note = (f'<p class="note">{sum(len(a.spans) for a in d.attempts):,} phases: phases of an attempt less than '
             f"{merged_px:g} px apart are drawn as one bar to keep the page small.</p>" if merged_px else "")
+    if run.older:
+        note += (f'<p class="note">Rounds {run.older.first_detailed} on: the {run.older.first_detailed - 1} '
+                 "rounds before are counted, not drawn (their metrics are in the charts below).</p>")
     evaluates = any(s.kind == "evaluate" for a in attempts for s in a.spans)
     legend = _timeline_legend(6, evaluates, cut=any(a.cut_off for a in attempts))
     return note + svg("timeline", WIDTH, y + 38, [*backgrounds, bands, *body, axis, legend],
@@ -298,6 +302,15 @@ def _round_bands(rounds: list[tuple[int, float, float]], origin: float, scale: S
         if label:
             parts.append(text((x0 + x1) / 2, top - 4.5, label, "round-label", "middle"))
     return "".join(parts)
+
+
+def _detailed_start(d: Digest, run: RunData) -> float:
+    """Where the timeline starts, in seconds since the run did: a long run's is of the rounds read in detail."""
+    if run.older is None:
+        return 0.0
+    starts = [float(r["started"]) for r in run.rounds
+              if whole(r.get("round")) == run.older.first_detailed and is_number(r.get("started"))]
+    return max(0.0, starts[0] - d.started) if starts else 0.0
 
 
 def _round_times(run: RunData) -> list[tuple[int, float, float]]:

@@ -1,13 +1,17 @@
 """The command line: a thin translator from argv to a library call to an exit status. The core never prints.
 
-Exit statuses: 0 success, 1 the run failed, 2 bad input, 130 interrupted.
+Exit statuses: 0 success, 1 the run failed, 2 bad input, 130 interrupted, 141 stdout was a pipe its reader
+closed. An OS error (a full disk, a read-only folder) is one line naming the path and the cause: 2 before the
+run started, 1 after.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
@@ -22,6 +26,7 @@ class ExitStatus(IntEnum):
     RUN_FAILED = 1
     BAD_INPUT = 2
     INTERRUPTED = 130
+    CLOSED_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a command its pipe's reader left
 
 
 def _print_json(obj: Any) -> None:
@@ -39,9 +44,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         return _show_plan(placement_plan(args.config, args.set))
-    console = Console(stderr=True)
+    # the log handler's console where there is one: log lines printed by another console while the live
+    # panel is drawn would leave copies of the panel behind on the terminal
+    console = getattr(args, "console", None) or Console(stderr=True)
     view = LiveView(console)
-    federation = prepare(args.config, args.set, args.output, on_event=view.on_event)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "run_started":
+            args.run_started = True  # from here on an error means the run failed, not that the input was bad
+        view.on_event(event)
+
+    federation = prepare(args.config, args.set, args.output, on_event=on_event)
+    args.run_dir_path = federation.path
     view.attach(federation)
     try:
         summary = federation.run(resume=args.resume)
@@ -165,13 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int) -> Any:
+    """Route log lines to stderr; on a terminal through a rich console, which is returned (the live panel
+    draws on it too), else None."""
     level = {0: logging.INFO, 1: logging.INFO}.get(verbose, logging.DEBUG)
     handler: logging.Handler
+    console = None
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler = RichHandler(show_path=False, show_time=False)
+        console = Console(stderr=True)
+        handler = RichHandler(console=console, show_path=False, show_time=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler()
@@ -185,34 +204,81 @@ def _setup_logging(verbose: int) -> None:
     # fedsup's own progress lines at INFO; libraries stay at WARNING unless -vv
     logging.getLogger("fedsup").setLevel(level if verbose else logging.WARNING)
     logging.getLogger("fedsup.run").setLevel(logging.INFO)
+    return console
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return int(func(args))
+        args.console = _setup_logging(args.verbose)
+        func: Callable[[argparse.Namespace], int] = args.func
+        status = int(func(args))
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is noticed while it can be handled
+        return status
     except (ConfigError, TaskContractError) as exc:
         return _fail(args, exc, ExitStatus.BAD_INPUT)
     except RunFailed as exc:
         return _fail(args, exc, ExitStatus.RUN_FAILED)
     except FedsupError as exc:
         return _fail(args, exc, ExitStatus.RUN_FAILED)
+    except BrokenPipeError:
+        return _closed_pipe(args)
+    except OSError as exc:
+        return _os_error(args, exc)
+    except RuntimeError as exc:
+        # Python < 3.13's Path.resolve() turns ELOOP into a RuntimeError; the OSError is its context
+        if isinstance(exc.__context__, OSError) and str(exc).startswith("Symlink loop"):
+            return _os_error(args, exc.__context__, exc)
+        raise
     except KeyboardInterrupt:
         if args.traceback:
             raise
-        print("fedsup: interrupted; the run directory holds everything finished so far (--resume continues)",
-              file=sys.stderr)
+        note = ("; the run directory holds everything finished so far (--resume continues)"
+                if getattr(args, "run_started", False) else "")
+        _say(f"fedsup: interrupted{note}")
         return ExitStatus.INTERRUPTED
+
+
+def _say(line: str) -> None:
+    """One line on stderr; nothing where stderr is a closed pipe (the exit status still tells)."""
+    try:
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
 
 
 def _fail(args: argparse.Namespace, exc: Exception, status: ExitStatus) -> int:
     if args.traceback:
         raise exc
-    print(f"fedsup: error: {exc}", file=sys.stderr)
+    _say(f"fedsup: error: {exc}")
     return status
+
+
+def _closed_pipe(args: argparse.Namespace) -> int:
+    """What was printed went into a pipe whose reader has gone (``fedsup status --json | head``): stop quietly,
+    as a command killed by SIGPIPE would, with its status 128 + SIGPIPE. Python's own flush at exit would
+    fail the same way, so stdout is pointed at /dev/null first."""
+    if args.traceback:
+        raise
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return ExitStatus.CLOSED_PIPE
+
+
+def _os_error(args: argparse.Namespace, exc: OSError, raised: BaseException | None = None) -> int:
+    """A file fedsup needs could not be used (a full disk, a read-only or missing folder, a symlink loop): one
+    line with the path and the cause. Bad input (2) before the run started, a failed run (1) after."""
+    if args.traceback:
+        raise raised or exc
+    where = exc.filename or getattr(args, "run_dir_path", None)  # a failed write() does not name its file
+    if exc.filename2:
+        where = f"{where} -> {exc.filename2}"
+    code = errno.errorcode.get(exc.errno or 0)
+    cause = f"{exc.strerror} ({code})" if exc.strerror and code else str(exc)
+    _say(f"fedsup: error: {f'{where}: ' if where else ''}{cause}")
+    return ExitStatus.RUN_FAILED if getattr(args, "run_started", False) else ExitStatus.BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A run directory read into a digest: its attempts, tasks and totals, and the text and JSON summaries.
 
-Only ``events.jsonl`` and the task records are expected; ``rounds.jsonl``, ``summary.json`` and
+Only ``events.jsonl`` and the task records (``records/*.jsonl``, or ``tasks/*/record.json`` in plain runs and
+runs of the older layout) are expected; ``rounds.jsonl``, ``summary.json`` and
 ``config.yaml`` are optional and the digest says what it could not find. A killed run leaves a truncated
 last line in its logs: lines that do not parse are skipped and counted. ``fedsup status`` prints the
 summaries; ``fedsup.ui.charts`` and ``fedsup.ui.report`` draw the same digest as a page.
@@ -29,6 +30,11 @@ PHASE_OF = {"LOADING": "load", "TRAINING": "train"}
 MAX_CONFIG_CHARS = 64_000
 MAX_ERROR_CHARS = 400
 SLOWEST = 10
+# A run of more complete rounds than this is read in detail for its newest DETAIL_ROUNDS only; the older are
+# counted from their records without reading them one by one (but for the jobs that failed or were retried),
+# so that `fedsup status` and `fedsup report` of a run of 1,000 rounds x 50 clients take about what 50 do.
+DETAIL_ROUNDS = 50
+_PLAIN_FINISH = b'","status":"FINISHED","attempts":1,'  # how the record of a job that went well goes on
 FAILURES_SHOWN = 5  # failed tasks named, with their errors, in the text summary
 CLIENT_STATE_FILE = re.compile(r"^client-(\d+)\.round-(\d+)\.pt$")
 STRATEGY_STATE_FILE = re.compile(r"^round-(\d+)\.strategy\.pt$")
@@ -51,39 +57,80 @@ class RunData:
     lock: LockState = field(default_factory=lambda: LockState(exists=False, held=False, pid=None))
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    older: Older | None = None              # rounds counted, not read in detail (a long run)
 
 
-def load_run(run_dir: str | Path) -> RunData:
-    """Parse a run directory; raise ConfigError when it holds neither an event log nor task records."""
+@dataclass
+class Older:
+    """The rounds of a long run before ``first_detailed``: of their jobs, those that finished at the first
+    attempt are only counted (``tasks``, ``cpu_time``); the others are in ``records`` like any."""
+
+    first_detailed: int
+    tasks: int = 0
+    cpu_time: float = 0.0
+    line_cpu: dict[int, float] = field(default_factory=dict)  # per older round: its line's jobs' CPU time
+
+
+def load_run(run_dir: str | Path, detail_rounds: int | None = DETAIL_ROUNDS) -> RunData:
+    """Parse a run directory; raise ConfigError when it holds neither an event log nor task records.
+
+    ``detail_rounds``: in a run of grouped records (``records/``) with more complete rounds than this, only
+    the newest ``detail_rounds`` are read in detail (``RunData.older`` says what the others add up to);
+    None reads everything."""
     path = Path(run_dir)
-    if not (path / "events.jsonl").is_file() and not (path / "tasks").is_dir():
-        raise ConfigError(f"{path}: not a fedsup run directory (no events.jsonl and no tasks/)")
+    if not (path / "events.jsonl").is_file() and not (path / "tasks").is_dir() and not (path / "records").is_dir():
+        raise ConfigError(f"{path}: not a fedsup run directory (no events.jsonl, no records/ and no tasks/)")
     run = RunData(path, [], [], {}, [], None, None)
-    lines = _read_jsonl(run, "events.jsonl")
-    run.events = [e for e in lines if "task" in e and isinstance(e.get("status"), str) and is_number(e.get("time"))]
-    run.run_events = [e for e in lines if "event" in e]
-    run.records = _read_records(run)
     run.rounds = sorted((r for r in _read_jsonl(run, "rounds.jsonl") if is_number(r.get("round"))),
                         key=lambda r: r["round"])
+    complete = max((whole(r["round"]) for r in run.rounds), default=0)
+    if detail_rounds is not None and complete > detail_rounds and (path / "records").is_dir():
+        run.older = Older(first_detailed=complete - detail_rounds + 1)
+        for row in run.rounds:
+            jobs = row.get("jobs")
+            if isinstance(jobs, dict) and is_number(jobs.get("cpu_time")):
+                run.older.line_cpu[whole(row["round"])] = float(jobs["cpu_time"])
+    lines = _read_jsonl(run, "events.jsonl", run.older.first_detailed if run.older else None)
+    run.events = [e for e in lines if "task" in e and isinstance(e.get("status"), str) and is_number(e.get("time"))]
+    run.run_events = [e for e in lines if "event" in e]
+    if run.older is not None:  # a line of an older round's job after the detailed rounds began (an exit)
+        run.events = [e for e in run.events if _round_of(str(e["task"])) == 0
+                      or _round_of(str(e["task"])) >= run.older.first_detailed]
+    run.records = _read_records(run)
     run.summary = _read_summary(run)
     run.config = _read_config(run)
     run.lock = lock_state(path)
     return run
 
 
+def _round_of(task_id: str) -> int:
+    """R of a federated job's id ``round-R.client-I[.method]``; 0 for any other id."""
+    head = task_id.split(".", 1)[0]
+    return int(head[6:]) if head.startswith("round-") and head[6:].isdigit() else 0
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_jsonl(run: RunData, name: str) -> list[dict[str, Any]]:
+def _read_jsonl(run: RunData, name: str, from_round: int | None = None) -> list[dict[str, Any]]:
+    """The lines of a JSON-lines file. ``from_round`` (the event log of a long run): every run-level line
+    (``"event"``), but task lines only from the first ``round_started`` of that round on."""
     path = run.path / name
     if not path.is_file():
         run.missing.append(name)
         return []
     rows: list[dict[str, Any]] = []
     bad = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    detailed = from_round is None
+    for raw in path.read_bytes().splitlines():
+        if not detailed and b'"event": ' not in raw:
+            continue  # a task line of a round read only in sum; json.dumps escapes every quote in a value
+        line = raw.decode("utf-8", errors="replace")
         row = _parse_line(line)
+        if row is not None and not detailed and row.get("event") == "round_started" \
+                and whole(row.get("round")) >= (from_round or 0):
+            detailed = True
         if row is None:
             bad += 1 if line.strip() else 0
         else:
@@ -104,17 +151,77 @@ def _parse_line(line: str) -> dict[str, Any] | None:
 
 
 def _read_records(run: RunData) -> dict[str, TaskRecord]:
+    """The records of both layouts: ``records/<group>.jsonl`` (a line a record; a task's last line counts)
+    and, from runs of the older layout and plain runs, ``tasks/<task>/record.json``."""
     records: dict[str, TaskRecord] = {}
-    for path in sorted((run.path / "tasks").glob("*/record.json")):
+    if (run.path / "tasks").is_dir():
+        for path in sorted((run.path / "tasks").glob("*/record.json")):
+            try:
+                record = TaskRecord.model_validate_json(path.read_bytes())
+            except (OSError, ValidationError) as exc:
+                run.problems.append(f"{path.relative_to(run.path)}: unreadable ({type(exc).__name__})")
+                continue
+            records[record.task_id] = record
+    for path in _record_files(run.path):
+        _read_record_file(run, path, records, counted=_counted_only(run, path))
+    if not records:
+        run.missing.append("records/*.jsonl" if (run.path / "records").is_dir() else "tasks/*/record.json")
+    return records
+
+
+def _record_files(path: Path) -> list[Path]:
+    """``records/*.jsonl`` in the order they were written: the initial state's, then round by round."""
+    def order(file: Path) -> tuple[int, str]:
+        stem = file.stem
+        return (int(stem[6:]) if stem.startswith("round-") and stem[6:].isdigit() else -1, stem)
+    return sorted((path / "records").glob("*.jsonl"), key=order)
+
+
+def _counted_only(run: RunData, path: Path) -> bool:
+    """Whether ``path`` is the records file of a round before the ones a long run's digest reads in detail."""
+    stem = path.stem
+    return (run.older is not None and stem.startswith("round-") and stem[6:].isdigit()
+            and int(stem[6:]) < run.older.first_detailed)
+
+
+def _read_record_file(run: RunData, path: Path, records: dict[str, TaskRecord], counted: bool = False) -> None:
+    """Add the file's records to ``records``. ``counted``: a job that finished at its first attempt is only
+    counted in ``run.older`` (found from the start of its line, without parsing it: the line of a record
+    begins with its task id, status and attempts)."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        run.problems.append(f"{path.relative_to(run.path)}: unreadable ({type(exc).__name__})")
+        return
+    bad = 0
+    plain: dict[str, bytes] = {}
+    read: dict[str, float] = {}  # the CPU time of the jobs read here, by task
+    for line in lines:
+        if not line.strip():
+            continue
+        if counted and line.startswith(b'{"task_id":"'):
+            end = line.find(b'","status":', 12)
+            if end > 0 and line.startswith(_PLAIN_FINISH, end):
+                task = line[12:end].decode("utf-8", errors="replace")
+                plain[task] = line
+                records.pop(task, None)  # a later line of the same task counts, not the earlier one
+                read.pop(task, None)
+                continue
         try:
-            record = TaskRecord.model_validate_json(path.read_bytes())
-        except (OSError, ValidationError) as exc:
-            run.problems.append(f"{path.relative_to(run.path)}: unreadable ({type(exc).__name__})")
+            record = TaskRecord.model_validate_json(line)
+        except ValidationError:
+            bad += 1
             continue
         records[record.task_id] = record
-    if not records:
-        run.missing.append("tasks/*/record.json")
-    return records
+        read[record.task_id] = record.cpu_time
+        plain.pop(record.task_id, None)  # a later line of the same task counts, not the earlier one
+    if counted and run.older is not None:
+        # the round's line has the CPU time of all its jobs: the counted ones' is what the read ones leave
+        run.older.tasks += len(plain)
+        run.older.cpu_time += max(0.0, run.older.line_cpu.get(int(path.stem[6:]), 0.0) - sum(read.values()))
+    if bad:
+        run.problems.append(f"{path.relative_to(run.path)}: skipped {bad} line(s) that did not parse "
+                            "(a killed run truncates the last)")
 
 
 def _read_summary(run: RunData) -> dict[str, Any] | None:
@@ -416,13 +523,22 @@ class Digest:
     tasks: list[TaskView]
     cpu_time: float | None
     final_metrics: dict[str, Any]
+    counted: int = 0  # jobs of a long run's older rounds that finished at their first attempt: not in tasks
 
     @property
     def wall_time(self) -> float:
         return max(0.0, self.ended - self.started)
 
     def count(self, status: str) -> int:
-        return sum(1 for t in self.tasks if t.status == status)
+        return sum(1 for t in self.tasks if t.status == status) + (self.counted if status == "FINISHED" else 0)
+
+    @property
+    def task_total(self) -> int:
+        return len(self.tasks) + self.counted
+
+    @property
+    def attempt_total(self) -> int:
+        return sum(t.attempts for t in self.tasks) + self.counted
 
     @property
     def retried(self) -> int:
@@ -447,6 +563,7 @@ def digest(run: RunData) -> Digest:
         tasks=tasks,
         cpu_time=_cpu_time(run, summary),
         final_metrics=_final_metrics(run, summary),
+        counted=run.older.tasks if run.older else 0,
     )
 
 
@@ -505,7 +622,7 @@ def _recorded_status(run: RunData, tasks: list[TaskView]) -> tuple[str, str]:
 
 def _cpu_time(run: RunData, summary: dict[str, Any]) -> float | None:
     if run.records:
-        return sum(r.cpu_time for r in run.records.values())
+        return sum(r.cpu_time for r in run.records.values()) + (run.older.cpu_time if run.older else 0.0)
     totals = summary.get("totals")
     if isinstance(totals, dict) and is_number(totals.get("cpu_time")):
         return float(totals["cpu_time"])
@@ -547,9 +664,9 @@ def json_summary(run: RunData) -> dict[str, Any]:
         "cpu_time": d.cpu_time,
         "rounds": d.rounds,
         "rounds_completed": d.rounds_completed,
-        "tasks": {"total": len(d.tasks), "finished": d.count("FINISHED"), "failed": d.count("FAILED"),
+        "tasks": {"total": d.task_total, "finished": d.count("FINISHED"), "failed": d.count("FAILED"),
                   "cancelled": d.count("CANCELLED"), "unfinished": d.count("UNFINISHED"), "retried": d.retried},
-        "attempts": sum(t.attempts for t in d.tasks),
+        "attempts": d.attempt_total,
         "final_metrics": d.final_metrics,
         "slowest": [{"task": t.task, "duration": t.duration} for t in slowest(d.tasks)],
         "running_pid": run.lock.pid if run.lock.held else None,
@@ -560,6 +677,7 @@ def json_summary(run: RunData) -> dict[str, Any]:
         "kept_state": kept_state(run),
         "missing": list(run.missing),
         "problems": list(run.problems),
+        "detailed_from_round": run.older.first_detailed if run.older else None,
     }
 
 
@@ -626,6 +744,9 @@ def text_summary(run: RunData) -> str:
         lines.append(f"failed: {failure['task']} ({failure['attempts']} attempt(s)): {cause}")
     if len(failed) > FAILURES_SHOWN:
         lines.append(f"failed: and {len(failed) - FAILURES_SHOWN} more (--json lists them all)")
+    if s["detailed_from_round"]:
+        lines.append(f"note: rounds before {s['detailed_from_round']} are counted from their records, not read "
+                     "one by one (but for jobs that failed or were retried): the slowest tasks are of the newer")
     for problem in s["problems"]:
         lines.append(f"note: {problem}")
     if s["missing"]:

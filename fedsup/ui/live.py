@@ -66,7 +66,7 @@ class LiveView:
                     f"{len(event['retried'])} retried{_heterogeneity(event)} in {event['duration']:.1f}s; "
                     f"train {_fmt_metrics(event['train_metrics'])}; eval {_fmt_metrics(event['eval_metrics'])}")
             if self.live is not None:
-                self.live.console.log(line)
+                self.live.console.print(line, highlight=False)  # print, not log: log adds the caller's file:line
             else:
                 log.warning(line) if event["failed"] else log.info(line)
 
@@ -87,7 +87,7 @@ class LiveView:
             return Group(Text("starting…"))
         scheduler = fed.supervisor.scheduler
         elapsed = time.monotonic() - self.started
-        done = len(fed.rounds)
+        done = fed.completed
         eta = (elapsed / done * (fed.spec.rounds - done)) if done else None
         head = Text.assemble(
             ("fedsup ", "bold"), (fed.spec.name, "bold cyan"),
@@ -95,11 +95,6 @@ class LiveView:
             f"   ETA {_duration(eta)}" if eta is not None else "",
         )
         current = [h for h in list(scheduler.handles) if h.task_id.startswith(f"round-{fed.round}.")]
-        counts = Counter(h.status for h in current)
-        states = Table.grid(padding=(0, 2))
-        shown = [s for s in TaskStatus if counts.get(s)]
-        states.add_row(*[Text(s.value, style=_STYLE.get(s, "")) for s in shown])
-        states.add_row(*[str(counts[s]) for s in shown])
         retries = sum(max(0, len(h.history) - 1) for h in current)
         devices = Table("device", "reserved", "used", "training", box=None, pad_edge=False)
         inventory = scheduler.inventory
@@ -111,11 +106,27 @@ class LiveView:
                             str(len(gpu.reservations)))
         devices.add_row("cpu", f"{inventory.cpu.used_cores}/{inventory.cpu.cores} cores", "-",
                         str(scheduler.training))
-        parts: list[Any] = [head, states, Text(f"retries this round: {retries}{_heterogeneity(self.this_round)}   "
-                                               f"processes: {len(scheduler.procs)}"), devices]
+        retried = Text(f"retries this round: {retries}{_heterogeneity(self.this_round)}   "
+                       f"processes: {len(scheduler.procs)}")
+        parts: list[Any] = [head, job_counts(current), retried, devices]
         if self.last_round is not None:
             parts.append(Text(f"last round: eval {_fmt_metrics(self.last_round['eval_metrics'])}", style="green"))
         return Group(*parts)
+
+
+def job_counts(handles: list[Any]) -> Table:
+    """The round's jobs in each state, a row for its train jobs and one for its evaluate jobs (task ids
+    ``round-R.client-I`` and ``round-R.client-I.evaluate``)."""
+    kinds = {"train jobs": Counter[TaskStatus](), "evaluate jobs": Counter[TaskStatus]()}
+    for handle in handles:
+        kinds["evaluate jobs" if handle.task_id.endswith(".evaluate") else "train jobs"][handle.status] += 1
+    shown = [s for s in TaskStatus if any(counts.get(s) for counts in kinds.values())]
+    table = Table.grid(padding=(0, 2))
+    table.add_row("", *[Text(s.value, style=_STYLE.get(s, "")) for s in shown])
+    for label, counts in kinds.items():
+        if sum(counts.values()):
+            table.add_row(label, *[str(counts[s]) if counts[s] else "-" for s in shown])
+    return table
 
 
 _STYLE = {TaskStatus.TRAINING: "yellow", TaskStatus.FINISHED: "green", TaskStatus.FAILED: "bold red",

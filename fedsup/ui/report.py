@@ -45,7 +45,7 @@ from fedsup.ui.digest import (
 
 MAX_FAILURE_ROWS = 200
 STATUS_COLOURS = {"finished": "#2e9e6a", "failed": "#d62728", "interrupted": "#d98c1f",
-                  "incomplete": "#d98c1f", "running": "#3b6fb6"}
+                  "incomplete": "#d98c1f", "running": "#3b6fb6", "killed": "#8a8f98"}
 
 
 # ---------------------------------------------------------------- tables
@@ -171,9 +171,9 @@ def _utc(epoch: float) -> str:
 def _header(d: Digest, run: RunData) -> str:
     colour = STATUS_COLOURS.get(d.status, "#6b7280")
     when = f"started {_utc(d.started)}" if d.started else "start time unknown"
-    cards = [("tasks", str(len(d.tasks)), False), ("finished", str(d.count("FINISHED")), False),
+    cards = [("tasks", str(d.task_total), False), ("finished", str(d.count("FINISHED")), False),
              ("failed", str(d.count("FAILED")), d.count("FAILED") > 0),
-             ("retried", str(d.retried), False), ("attempts", str(sum(t.attempts for t in d.tasks)), False)]
+             ("retried", str(d.retried), False), ("attempts", str(d.attempt_total), False)]
     if d.count("CANCELLED") or d.count("UNFINISHED"):
         cards.append(("cancelled / unfinished", f"{d.count('CANCELLED')} / {d.count('UNFINISHED')}", True))
     if d.rounds or d.rounds_completed:

@@ -60,7 +60,8 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_settles_away_from_it(t
     # SCAFFOLD's control variates cancel the drift: within 1e-6 of the optimum after 25 rounds (1e-8 measured)
     assert (scaffold - OPTIMUM).abs().max() < 1e-6, (scaffold, OPTIMUM)
     kept = sorted(p.name for p in (tmp_path / "scaffold" / "client_state").iterdir())
-    assert kept == ["client-0.round-25.pt", "client-1.round-25.pt", "client-2.round-25.pt"], kept
+    # each client's states of the rounds a resume may start from (checkpoints.keep_last: 3)
+    assert kept == [f"client-{c}.round-{r}.pt" for c in range(3) for r in (23, 24, 25)], kept
     summary = digest.json_summary(digest.load_run(tmp_path / "scaffold"))["kept_state"]
     assert summary["clients"] == 3 and summary["newest_client_round"] == 25 and summary["strategy_round"] == 25
     control = torch.load(tmp_path / "scaffold" / "checkpoints" / "round-25.strategy.pt", weights_only=True)
@@ -160,10 +161,11 @@ def test_a_sigkilled_run_with_strategy_and_client_state_resumes_bit_identical(
     assert differing_checkpoints(a, b) == []  # the models and the strategy's state, every round
     assert (a / "checkpoints" / "round-4.strategy.pt").exists()
     states_a, states_b = client_states(a), client_states(b)
-    assert states_a.keys() == states_b.keys() and len(states_a) == 3, (states_a.keys(), states_b.keys())
+    assert states_a.keys() == states_b.keys() and len(states_a) == 9, (states_a.keys(), states_b.keys())
     for name, state in states_a.items():
         assert state.keys() == states_b[name].keys() and all(torch.equal(v, states_b[name][k])
                                                              for k, v in state.items()), name
-    assert [int(s["rounds"]) for s in states_a.values()] == [4, 4, 4]  # every client, every round: it carried
+    # every client, every round: it carried (rounds 2-4 kept per client: checkpoints.keep_last 3)
+    assert [int(s["rounds"]) for s in states_a.values()] == [2, 3, 4] * 3
     assert finished_twice(b) == []
     assert json.loads((a / "rounds.jsonl").read_text().splitlines()[2])["stragglers"]

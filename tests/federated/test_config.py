@@ -389,3 +389,89 @@ def test_random_yaml_loads_or_raises_config_error(tmp_path_factory: pytest.TempP
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     check_outcome(path, [])
 
+
+
+# -- bounded YAML: a size limit and a limit on what aliases add, each named with how to raise it
+
+
+def alias_bomb(levels: int = 8) -> str:
+    """A few hundred bytes that yaml.safe_load would turn into over 10**levels values: each list holds the one
+    before it ten times."""
+    lines = ["    a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return yaml.safe_dump({**MINIMAL, "task": {"class": MINIMAL["task"]["class"]}}).replace(
+        "task:\n", "task:\n  args:\n" + "\n".join(lines) + "\n", 1)
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    path = write(tmp_path, alias_bomb())
+    assert len(path.read_bytes()) < 1000
+    problems = problems_of(path).problems
+    assert problems == [f"{path}: its aliases expand it by 1,234,567,800 values, more than the limit of 100,000 "
+                        "(set FEDSUP_YAML_MAX_ALIAS_VALUES to raise it)"]
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\ntask: &t {class: a:B, args: {me: *t}}\nfederation: {clients: 1, rounds: 1}\n")
+    problems = problems_of(path).problems
+    assert problems == [f"{path}: a value contains itself through an alias (a recursive structure)"]
+
+
+def test_aliases_within_the_limit_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = yaml.safe_dump(VALID).replace("task:\n", "shared: &s [1, 2, 3]\ntask:\n", 1)
+    data = yaml.safe_load(text)
+    data.pop("shared")
+    assert load_config(data) == load_config(yaml.safe_load(yaml.safe_dump(VALID)))
+    monkeypatch.setenv("FEDSUP_YAML_MAX_ALIAS_VALUES", "0")
+    plain = write(tmp_path, "name: x\nseed: &n 3\nfederation: {clients: *n, rounds: *n}\ntask: {class: a:B}\n")
+    assert all("aliases" not in p for p in problems_of(plain).problems)  # scalars add nothing to count
+    nested = write(tmp_path, "name: x\nd: &d [1]\ne: [*d]\n", "nested.yaml")
+    assert "its aliases expand it by 1 value, more than the limit of 0" in problems_of(nested).problems[0]
+    monkeypatch.setenv("FEDSUP_YAML_MAX_ALIAS_VALUES", str(10**6))
+    config = load_config(write(tmp_path, alias_bomb(levels=4), "bomb.yaml"), check_imports=False)
+    assert len(config.task.args["a4"]) == 10 and len(config.task.args["a4"][0][0][0]) == 10
+
+
+def test_a_file_over_the_size_limit_is_refused_without_reading_it_all(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, yaml.safe_dump(VALID) + "#" * (2**20))
+    assert problems_of(path).problems == [f"{path}: more than the limit of 1,048,576 bytes of YAML "
+                                          "(set FEDSUP_YAML_MAX_BYTES to raise it)"]
+    monkeypatch.setenv("FEDSUP_YAML_MAX_BYTES", str(2**21))
+    assert load_config(path).name == VALID["name"]
+    monkeypatch.setenv("FEDSUP_YAML_MAX_BYTES", "lots")
+    assert problems_of(path).problems == ["FEDSUP_YAML_MAX_BYTES: expected a whole number of at least 0 (got 'lots')"]
+
+
+def test_an_endless_config_file_is_read_only_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSUP_YAML_MAX_BYTES", "4096")
+    assert "more than the limit of 4,096 bytes" in problems_of("/dev/zero").problems[0]
+
+
+def test_an_override_is_bounded_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + ["[" + ", ".join(["*a"] * 10) + "]"] * 2000) + "]"
+    problems = problems_of(VALID, (f"task.args.blob={bomb}",)).problems
+    assert problems[0].startswith("task.args.blob: its aliases expand it by 200,000 values, more than the limit")
+    monkeypatch.setenv("FEDSUP_YAML_MAX_BYTES", "100")
+    problems = problems_of(VALID, (f"task.args.blob={'x' * 101}",)).problems
+    assert problems[0].startswith("task.args.blob: more than the limit of 100 bytes of YAML")
+
+
+@pytest.mark.timeout(120)
+def test_a_large_legal_file_is_read_in_one_parse(tmp_path: Path) -> None:
+    """Just under the limit: a 1 MB list in task.args is read (and its keys checked) without parsing twice."""
+    values = ", ".join(str(i % 10000) for i in range(170_000))
+    path = write(tmp_path, yaml.safe_dump({k: v for k, v in VALID.items() if k != "task"})
+                 + f"task:\n  class: {VALID['task']['class']}\n  args: {{weights: [{values}]}}\n")
+    assert 900_000 < path.stat().st_size < 2**20
+    from fedsup.federated import problems as problems_module
+
+    calls: list[int] = []
+    real = problems_module._Loader.get_single_node
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(problems_module._Loader, "get_single_node", lambda self: calls.append(1) or real(self))
+    try:
+        data = problems_module.read_file(path)
+    finally:
+        monkey.undo()
+    assert len(data["task"]["args"]["weights"]) == 170_000 and calls == [1]

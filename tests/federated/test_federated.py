@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,7 +69,9 @@ def test_aggregation_is_exact_through_a_real_run(tmp_path: Path, strategy: str) 
     final = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
     assert torch.equal(final["w"], torch.load(run / "checkpoints" / "round-2.pt", weights_only=True)["w"])
     # every client of round 2 trained on round 1's aggregate, through shared memory
-    record = fedsup.TaskRecord.model_validate_json((run / "tasks" / "round-2.client-3" / "record.json").read_bytes())
+    from fedsup.engine.rundir import read_record_lines
+
+    record = read_record_lines(run / "records" / "round-2.jsonl")[0]["round-2.client-3"]
     assert record.result["seen"] == pytest.approx(float(expected(strategy, 1, [0, 1, 2, 3, 4])), rel=1e-6)
 
 
@@ -86,6 +89,12 @@ def test_run_directory_holds_everything(tmp_path: Path) -> None:
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"initial.pt", "round-1.pt", "round-2.pt",
                                                                  "round-3.pt", "final.pt"}
     assert not (run / "updates" / "round-3").exists()  # a committed round's updates are gone
+    # a listing a person can read: one records file per round, no folder per job, no task folder for a
+    # client that printed nothing
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "events.jsonl", "fedsup.lock",
+                                                     "records", "rounds.jsonl", "summary.json"]
+    assert sorted(p.name for p in (run / "records").iterdir()) == ["initial.jsonl", "round-1.jsonl",
+                                                                   "round-2.jsonl", "round-3.jsonl"]
     stored = json.loads((run / "summary.json").read_text())
     assert stored["status"] == "finished" and stored == summary
     # the same seed picks the same clients; a loaded client trains again without loading again
@@ -184,6 +193,31 @@ def _round_two_clients(run: Path) -> list[int]:
 
 
 @pytest.mark.timeout(120)
+def test_nothing_in_the_main_process_grows_with_the_rounds(tmp_path: Path) -> None:
+    from fedsup.federated.runner import prepare
+
+    federation = prepare(config(tmp_path, federation={"clients": 40, "rounds": 6, "clients_per_round": 3}))
+    federation.run()
+    scheduler = federation.supervisor.scheduler
+    assert scheduler is not None and len(scheduler.handles) == 3  # the last round's jobs, not all 18
+    assert federation.completed == 6 and federation.last is not None and federation.last.round == 6
+    assert len(federation._clients) == 3  # client objects of the last round only, never all 40
+    assert {k: federation.last.jobs[k] for k in ("tasks", "attempts", "failed")} == {"tasks": 3, "attempts": 3,
+                                                                                       "failed": 0}
+
+
+@pytest.mark.timeout(120)
+def test_only_a_client_that_printed_keeps_a_task_folder(tmp_path: Path) -> None:
+    fedsup.run(config(tmp_path, task={"class": "fed_toys:TalkingClient", "args": {"talker": 2}},
+                      federation={"clients": 4, "rounds": 3, "clients_per_round": 4}))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "tasks").iterdir()) == ["client-2"]
+    assert sorted(p.name for p in (run / "tasks" / "client-2").iterdir()) == ["stdout.log"]
+    assert (run / "tasks" / "client-2" / "stdout.log").read_text().splitlines() == [
+        f"client 2 trains in round {r}" for r in (1, 2, 3)]
+
+
+@pytest.mark.timeout(120)
 def test_summary_totals_match_the_records_round_by_round(tmp_path: Path) -> None:
     # summary.json is rewritten after every round from that round's records alone: its totals must still be
     # those of every record in the run directory
@@ -206,3 +240,57 @@ def test_summary_totals_match_the_records_round_by_round(tmp_path: Path) -> None
     assert summary["status"] == "finished" and len(seen) == 2
     assert all(written == actual for written, actual in seen), seen
     assert {k: summary["totals"][k] for k in ("tasks", "attempts", "failed")} == totals_now()
+
+
+def to_older_layout(run: Path) -> None:
+    """Rewrite a run directory as fedsup wrote one before records were grouped: a folder with a record.json per
+    job, no totals in the lines of rounds.jsonl, no checkpoints section in config.yaml."""
+    from fedsup.engine.rundir import read_record_lines, safe_name
+
+    for path in (run / "records").glob("*.jsonl"):
+        for task, found in read_record_lines(path)[0].items():
+            folder = run / "tasks" / safe_name(task)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "record.json").write_text(found.model_dump_json(indent=2) + "\n")
+    shutil.rmtree(run / "records")
+    lines = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    (run / "rounds.jsonl").write_text("".join(json.dumps({k: v for k, v in line.items() if k != "jobs"}) + "\n"
+                                              for line in lines))
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    del stored["checkpoints"]
+    (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+
+
+@pytest.mark.timeout(300)
+def test_a_run_directory_of_the_older_layout_is_resumed_without_running_a_job_twice(tmp_path: Path) -> None:
+    fifo = str(tmp_path / "moment")
+    os.mkfifo(fifo)
+    plain = synthetic_config(tmp_path, tmp_path / "plain", fifo="/nonexistent", strategy="fedavg")
+    subprocess.run(fedsup_cmd("run", str(plain)), check=True, env=child_env(), capture_output=True, timeout=240)
+    killed_cfg = synthetic_config(tmp_path, tmp_path / "killed", fifo=fifo, strategy="fedavg")
+    data = yaml.safe_load(killed_cfg.read_text())
+    data["task"]["args"]["signal_client"] = sorted(_round_two_clients(tmp_path / "plain"))[-1]
+    killed_cfg.write_text(yaml.safe_dump(data))
+    main = subprocess.Popen(fedsup_cmd("run", str(killed_cfg)), env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    with open(fifo) as moment:  # returns once the last of round 2's clients is training
+        moment.readline()
+    family = psutil.Process(main.pid).children(recursive=True)
+    main.send_signal(signal.SIGKILL)
+    main.wait(timeout=60)
+    psutil.wait_procs(family, timeout=30)
+    run = tmp_path / "killed"
+    to_older_layout(run)
+    before = {t for t in os.listdir(run / "tasks") if t.startswith("round-2.")}
+    resumed = subprocess.run(fedsup_cmd("run", str(killed_cfg), "--resume"), env=child_env(),
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert differing_checkpoints(tmp_path / "plain", run) == []
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()
+              if line.strip().startswith("{") and line.strip().endswith("}")]
+    finished = Counter(e["task"] for e in events if e.get("status") == "FINISHED")
+    assert max(finished.values()) == 1, [t for t, n in finished.items() if n > 1]
+    assert before, "no job of round 2 had finished before the kill: nothing was tested"
+    totals = json.loads((run / "summary.json").read_text())["totals"]
+    assert totals["tasks"] == json.loads((tmp_path / "plain" / "summary.json").read_text())["totals"]["tasks"]
+

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import Fifo
+from announce import Fifo
 
 import fedsup
 from fedsup.engine.contract import check_update, update_contract
@@ -60,7 +60,11 @@ def child_env() -> dict[str, str]:
 
 
 def record(run: Path, task: str) -> fedsup.TaskRecord:
-    return fedsup.TaskRecord.model_validate_json((run / "tasks" / task / "record.json").read_bytes())
+    """A federated job's record: in its round's records/round-R.jsonl (the initial state's: initial.jsonl)."""
+    from fedsup.engine.rundir import read_record_lines
+
+    group = "initial" if task == "initial-state" else task.split(".")[0]
+    return read_record_lines(run / "records" / f"{group}.jsonl")[0][task]
 
 
 def events(run: Path) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,11 @@ def fedsup_run(config: dict[str, Any], path: Path, *extra: str) -> subprocess.Po
 def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same federated run with nothing going wrong: the model every faulted run must end with."""
     base = tmp_path_factory.mktemp("plain")
+    started = time.monotonic()
     process = fedsup_run(synthetic(base / "run"), base / "plain.yaml")
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err.decode()
+    (base / "wall").write_text(str(time.monotonic() - started))  # how long a run takes on this machine now
     return base / "run"
 
 
@@ -93,6 +96,7 @@ def test_chaos_every_round_completes_and_the_model_is_unchanged(tmp_path: Path, 
 @pytest.mark.timeout(900)
 def test_main_process_killed_at_random_moments_then_resumed(tmp_path: Path, plain_run: Path) -> None:
     rng = random.Random(7)
+    wall = float((plain_run.parent / "wall").read_text())
     config = synthetic(tmp_path / "run")
     run = tmp_path / "run"
     kills = 0
@@ -109,8 +113,9 @@ def test_main_process_killed_at_random_moments_then_resumed(tmp_path: Path, plai
             break
         try:
             # a random moment: while torch is imported, before the run has written anything, or during it
-            # (an undisturbed run takes ~2 s to start and ~3 s to run here); or the run ends first
-            process.wait(timeout=rng.uniform(1.5, 4.5))
+            # (an undisturbed run spends ~40% of its time starting); or the run ends first. Scaled by the
+            # undisturbed run's wall time, so a loaded machine moves the kills with the run, not before it.
+            process.wait(timeout=rng.uniform(0.3, 0.9) * wall)
         except subprocess.TimeoutExpired:
             family = psutil.Process(process.pid).children(recursive=True)
             process.send_signal(signal.SIGKILL)
@@ -165,12 +170,15 @@ def test_damaged_run_directories(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with open(run / "events.jsonl", "a") as f:
         f.write('{"time": 1, "task": "round-2.cli')
     assert cli_main(["status", str(run)]) == 0
-    # a damaged task record is not trusted: that task would run again
-    record = run / "tasks" / "round-2.client-1" / "record.json"
-    if not record.exists():
-        record = next((run / "tasks").glob("round-2.*/record.json"))
-    record.write_text("{ damaged")
-    assert fedsup.engine.rundir.RunDir(run).read_record(record.parent.name) is None
+    # a damaged task record is not trusted: that task would run again; the round's others are
+    records = run / "records" / "round-2.jsonl"
+    lines = records.read_text().splitlines()
+    first, second = (json.loads(line)["task_id"] for line in lines[:2])
+    records.write_text("\n".join(["{ damaged", *lines[1:]]) + "\n")
+    run_dir = fedsup.engine.rundir.RunDir(run)
+    run_dir.use_records("round-2")
+    assert run_dir.read_record(first) is None and run_dir.read_record(second) is not None
+    run_dir.close()
     # a corrupt checkpoint of a complete round is named, never used
     (run / "checkpoints" / "round-2.pt").write_bytes(b"not a checkpoint")
     capsys.readouterr()

@@ -274,6 +274,39 @@ def test_long_federated_run_stays_small(tmp_path: Path) -> None:
     assert "drawn as one bar" not in html_text
 
 
+@pytest.fixture(scope="module")
+def grouped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real federated run of today's layout (records/round-R.jsonl), with jobs that failed once and ran again."""
+    run = tmp_path_factory.mktemp("grouped") / "run"
+    fedsup.run({"name": "grouped", "seed": 2, "task": {"class": "fed_toys:KnownClient"},
+                "federation": {"clients": 6, "rounds": 8, "clients_per_round": 4},
+                "supervisor": {"devices": "cpu", "max_loaded": 4, "max_retries": 3, "retry_backoff": 0},
+                "faults": {"probability": 0.25, "seed": 4, "kinds": ["exception"], "phases": ["train"]},
+                "output": str(run)})
+    return run
+
+
+def test_a_long_run_is_read_in_detail_for_its_newest_rounds_and_counted_for_the_rest(grouped_run: Path) -> None:
+    assert sorted(p.name for p in (grouped_run / "records").iterdir())[:2] == ["initial.jsonl", "round-1.jsonl"]
+    full_run = digest.load_run(grouped_run, detail_rounds=None)
+    full = digest.json_summary(full_run)
+    assert full["tasks"]["total"] == 1 + 8 * 4 and full["tasks"]["retried"] > 0 and full["detailed_from_round"] is None
+    short_run = digest.load_run(grouped_run, detail_rounds=3)
+    short = digest.json_summary(short_run)
+    assert short["detailed_from_round"] == 6
+    assert short["tasks"] == full["tasks"] and short["attempts"] == full["attempts"]
+    assert short["cpu_time"] == pytest.approx(full["cpu_time"], rel=1e-5)
+    # one by one: the newest rounds' jobs, and of the older only those that did not finish at the first attempt
+    older = {t for t, r in full_run.records.items() if digest._round_of(t) in range(1, 6)}
+    troubled = {t for t in older if full_run.records[t].attempts > 1}
+    assert troubled and {t for t in short_run.records if t in older} == troubled
+    assert not [e for e in short_run.events if digest._round_of(str(e["task"])) in range(1, 6)]
+    assert "rounds before 6 are counted from their records" in digest.text_summary(short_run)
+    page = report.render_html(short_run)
+    assert "Rounds 6 on: the 5 rounds before are counted, not drawn" in page
+    assert len(parse(page).find("rect", "round-band")) == 3
+
+
 def test_too_many_bars_are_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = write_long_federated_run(tmp_path / "long", clients=50, rounds=20)
     monkeypatch.setattr(charts, "MAX_BARS", 500)

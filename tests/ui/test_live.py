@@ -1,0 +1,165 @@
+"""The live view: its round lines and panel drawn on rich consoles that record, and a real run on a
+pseudo-terminal, Ctrl-C'ed mid-round, whose final screen (replayed through a small terminal model) holds the
+panel once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from rich.console import Console
+
+from fedsup.engine.states import TaskStatus
+from fedsup.ui.live import LiveView, job_counts
+
+TESTS = Path(__file__).resolve().parent.parent
+SCRIPT = str(Path(sys.executable).parent / "fedsup")
+
+
+def recording() -> Console:
+    return Console(record=True, force_terminal=True, width=160, color_system=None)
+
+
+def handle(task_id: str, status: TaskStatus) -> SimpleNamespace:
+    return SimpleNamespace(task_id=task_id, status=status, history=[1])
+
+
+def fake_federation(handles: list[SimpleNamespace]) -> Any:
+    cpu = SimpleNamespace(used_cores=1, cores=2)
+    scheduler = SimpleNamespace(handles=handles, inventory=SimpleNamespace(gpus=[], cpu=cpu, probe=None),
+                                training=1, procs=[1, 2])
+    return SimpleNamespace(supervisor=SimpleNamespace(scheduler=scheduler), rounds=[], completed=1, round=2,
+                           spec=SimpleNamespace(name="demo", rounds=3))
+
+
+ROUND = {"event": "round_finished", "round": 2, "finished": [0, 1], "failed": [], "retried": [], "duration": 1.5,
+         "train_metrics": {"loss": 0.5}, "eval_metrics": {"accuracy": 0.9}}
+
+
+def test_the_round_line_ends_with_the_metrics() -> None:
+    console = recording()
+    view = LiveView(console)
+    view.attach(fake_federation([]))
+    view.on_event({"event": "run_started"})
+    try:
+        view.on_event(ROUND)
+    finally:
+        view.stop()
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    line = next(line for line in lines if line.startswith("round 2/3"))
+    assert line.endswith("train loss 0.5; eval accuracy 0.9"), line
+    assert "live.py" not in console.export_text()
+
+
+def test_the_panel_labels_train_and_evaluate_jobs() -> None:
+    handles = [handle("round-2.client-0", TaskStatus.TRAINING), handle("round-2.client-1", TaskStatus.FINISHED),
+               handle("round-2.client-0.evaluate", TaskStatus.WAITING), handle("round-1.client-5", TaskStatus.FAILED)]
+    console = recording()
+    console.print(job_counts([h for h in handles if h.task_id.startswith("round-2.")]))
+    text = console.export_text()
+    rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in text.splitlines()[1:]}
+    assert re.search(r"WAITING\s+TRAINING\s+FINISHED", text.splitlines()[0]), text
+    assert rows == {"train jobs": ["-", "1", "1"], "evaluate jobs": ["1", "-", "-"]}, text
+    view = LiveView(recording())
+    view.attach(fake_federation(handles))
+    view.console.print(view.render())
+    assert "train jobs" in view.console.export_text() and "FAILED" not in view.console.export_text()
+
+
+# -- a real run on a terminal
+
+
+def screen_of(stream: str, width: int) -> list[str]:
+    """The screen a terminal shows after ``stream``, for what rich's live display sends: text, CR, LF, cursor
+    up/down, erase line, and SGR and mode sequences (ignored)."""
+    rows: list[list[str]] = [[]]
+    row = col = 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[^\[]|\r|\n|[^\x1b\r\n]", stream):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+        elif token.startswith("\x1b["):
+            count = int(re.sub(r"\D", "", token) or 1)
+            if token.endswith("A"):
+                row = max(0, row - count)
+            elif token.endswith("B"):
+                row += count
+            elif token.endswith("K"):
+                rows[row][:] = [] if "2" in token else rows[row][:col]
+            continue
+        elif token.startswith("\x1b"):
+            continue
+        else:
+            if col >= width:
+                row, col = row + 1, 0
+            while len(rows) <= row:
+                rows.append([])
+            line = rows[row]
+            line.extend(" " * (col - len(line) + 1))
+            line[col] = token
+            col += 1
+        while len(rows) <= row:
+            rows.append([])
+    return ["".join(r).rstrip() for r in rows]
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_leaves_one_panel_on_the_terminal(tmp_path: Path) -> None:
+    import pty
+
+    announce, go = tmp_path / "announce", tmp_path / "go"
+    os.mkfifo(announce)
+    os.mkfifo(go)
+    data = {"name": "live", "seed": 0, "output": str(tmp_path / "run"),
+            "task": {"class": "fed_toys:HoldingClient",
+                     "args": {"announce": str(announce), "go": str(go), "hold_round": 2}},
+            "federation": {"clients": 3, "rounds": 3},
+            "supervisor": {"devices": "cpu", "max_retries": 0, "grace_period": 1}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "LINES": "40",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([SCRIPT, "run", str(path)], stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read_all() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the terminal's other side has closed it
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        with open(announce) as said:  # the held client of round 2 is training now
+            said.readline()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=60)
+        os.close(master)
+    screen = screen_of(b"".join(chunks).decode(errors="replace"), 120)
+    headers = [line for line in screen if line.startswith("fedsup live")]
+    assert len(headers) == 1, "\n".join(screen)
+    assert any(line.startswith("round 1/3:") and line.endswith("eval -") for line in screen), "\n".join(screen)
+    assert any(line.startswith("train jobs") for line in screen), "\n".join(screen)
+    assert [line for line in screen if line][-1].startswith("fedsup: interrupted"), "\n".join(screen)
