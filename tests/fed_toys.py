@@ -168,12 +168,13 @@ class BadUpdateClient(KnownClient):
 class FailingClient(KnownClient):
     """Clients listed in ``failing`` raise in train(): a run that ends short of ``min_clients``."""
 
-    def __init__(self, client_id: int, failing: tuple[int, ...] = (1,)) -> None:
+    def __init__(self, client_id: int, failing: tuple[int, ...] = (1,), from_round: int = 1) -> None:
         super().__init__(client_id)
         self.failing = tuple(failing)
+        self.from_round = from_round
 
     def train(self, device: str) -> dict[str, Any]:
-        if self.client_id in self.failing:
+        if self.client_id in self.failing and self.round >= self.from_round:
             raise ValueError(f"client {self.client_id} always fails")
         return super().train(device)
 

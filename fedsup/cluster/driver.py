@@ -54,29 +54,34 @@ CONNECT_TIMEOUT = 3.0     # seconds to reach a cluster's address before it is ca
 # ---------------------------------------------------------------- connecting
 
 
-def _host_port(address: str) -> tuple[str, int]:
+# ``key``: what the person set the address with, named in the error (a config key for ``fedsup run``, a flag
+# for ``fedsup devices --cluster``), so that the line says what to change
+RAY_ADDRESS_KEY = "supervisor.ray_address"
+
+
+def _host_port(address: str, key: str = RAY_ADDRESS_KEY) -> tuple[str, int]:
     bare = address.split("://", 1)[-1]
     host, sep, port = bare.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ConfigError(f"supervisor.ray_address: expected 'auto' or HOST:PORT (such as 10.0.0.1:6379), "
+        raise ConfigError(f"{key}: expected 'auto' or HOST:PORT (such as 10.0.0.1:6379), "
                           f"got {address!r}")
     return host.strip("[]"), int(port)
 
 
-def check_reachable(address: str) -> None:
+def check_reachable(address: str, key: str = RAY_ADDRESS_KEY) -> None:
     """Fail in seconds, with the key and the address, where nothing answers: Ray itself would retry for a
     minute or more."""
-    host, port = _host_port(address)
+    host, port = _host_port(address, key)
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
             pass
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
-        raise ConfigError(f"supervisor.ray_address: no Ray cluster answers at {address!r} ({why}); start one "
+        raise ConfigError(f"{key}: no Ray cluster answers at {address!r} ({why}); start one "
                           "with `ray start --head`, or set the address of the running one") from None
 
 
-def connect(address: str) -> bool:
+def connect(address: str, key: str = RAY_ADDRESS_KEY) -> bool:
     """Connect this process to the cluster; True where it did (and so disconnects at the end)."""
     import ray
 
@@ -90,12 +95,12 @@ def connect(address: str) -> bool:
             log.info("no Ray cluster is running: starting a local one for this run")
             ray.init(include_dashboard=False, **quiet)
         return True
-    check_reachable(address)
+    check_reachable(address, key)
     try:
         ray.init(address=address, **quiet)
     except Exception as exc:  # noqa: BLE001 - Ray raises many types for the same problem
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"supervisor.ray_address: cannot join the Ray cluster at {address!r}: {first}") from None
+        raise ConfigError(f"{key}: cannot join the Ray cluster at {address!r}: {first}") from None
     return True
 
 
@@ -111,10 +116,11 @@ def _describe_node(name: str) -> dict[str, Any]:
     return {"node": name, "host": socket.gethostname(), "cores": cpu_cores(), "gpus": describe_gpus()}
 
 
-def describe_nodes(address: str = "auto", timeout: float = 60.0) -> list[dict[str, Any]]:
+def describe_nodes(address: str = "auto", timeout: float = 60.0, key: str = RAY_ADDRESS_KEY) -> list[dict[str, Any]]:
     """Every live node of the cluster at ``address``, as it sees itself: its name (as records give it), Ray's
     CPU and GPU counts, and its cores and GPUs with total and free memory (NVML, read on the node). For
-    ``fedsup devices`` on a cluster; a node that does not answer in ``timeout`` has ``"error"`` instead."""
+    ``fedsup devices`` on a cluster; a node that does not answer in ``timeout`` has ``"error"`` instead.
+    ``key`` names where the address came from in the ConfigError of an address nothing answers at."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -122,11 +128,11 @@ def describe_nodes(address: str = "auto", timeout: float = 60.0) -> list[dict[st
         try:
             ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError:
-            raise ConfigError("supervisor.ray_address: no Ray cluster is running here (address 'auto'); start "
+            raise ConfigError(f"{key}: no Ray cluster is running here (address 'auto'); start "
                               "one with `ray start --head`, or give its address") from None
         joined = True
     else:
-        joined = connect(address)
+        joined = connect(address, key)
     try:
         probe: Any = ray.remote(num_cpus=0)(_describe_node)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -265,6 +271,9 @@ class Driver:
         self.shipped: dict[tuple[str, int, int], Shipped] = {}
         self.signal: int | None = None
         self.stopped = False
+        # the batch under way and its records so far, for ``jobs()`` (the live view reads them from its thread)
+        self.batch: list[_Job] = []
+        self.records: list[TaskRecord | None] = []
         me = psutil.Process()
         self.me = {"pid": me.pid, "create_time": me.create_time()}
 
@@ -343,6 +352,13 @@ class Driver:
                 for a in list(self.agents.values())]
         return sorted(view, key=lambda n: n["node"])
 
+    def jobs(self) -> list[tuple[str, str]]:
+        """What the live view counts: every job of the batch under way, with its state now (its outcome once
+        it has a record; else the last state its node reported, INIT while queued)."""
+        records = list(self.records)
+        return [(job.task_id, record.status.value if record is not None else job.status)
+                for job, record in zip(list(self.batch), records, strict=False)]
+
     # ------------------------------------------------------------ a batch of jobs
 
     def run(self, jobs: Iterable[Task | Job]) -> list[TaskRecord]:
@@ -352,10 +368,13 @@ class Driver:
             raise RunInterrupted(self.signal or signal.SIGINT, [])
         self.join_nodes()
         self.shipped = {}  # the inputs of this batch only: what earlier ones shipped may be freed
+        made = []
         for i, job in enumerate(batch):
             if not isinstance(job.task, Task):
                 raise TypeError(f"tasks: expected fedsup.Task instances, got {type(job.task).__name__}")
-            self.queue.append(_Job(job, i, job.task_id or job.task.task_id, job.task.task_id))
+            made.append(_Job(job, i, job.task_id or job.task.task_id, job.task.task_id))
+        self.queue.extend(made)
+        self.batch, self.records = made, records
         ids = [j.task_id for j in self.queue]
         if len(set(ids)) != len(ids):
             raise ValueError("task_id: task ids must be unique")

@@ -134,12 +134,37 @@ def pack_rows(attempts: list[Attempt]) -> list[list[Attempt]]:
     return rows
 
 
-def _lanes(attempts: list[Attempt]) -> list[tuple[str, list[list[Attempt]]]]:
-    by_device: dict[str, list[Attempt]] = {}
+Lane = tuple[str | None, str]  # (node, device): the node is None on one machine
+
+
+def lane_label(lane: Lane) -> str:
+    node, device = lane
+    return device if node is None else f"{node} / {device}"
+
+
+def _lanes(attempts: list[Attempt]) -> list[tuple[Lane, list[list[Attempt]]]]:
+    """One lane per device; on a cluster (any attempt has a node) per node and device, since every node has
+    its own ``cpu`` and ``cuda:0``. The nodes in name order, each node's devices as on one machine."""
+    on_nodes = any(a.node for a in attempts if a.spans)
+    by_lane: dict[Lane, list[Attempt]] = {}
     for attempt in attempts:
         if attempt.spans:
-            by_device.setdefault(attempt.device or "not placed", []).append(attempt)
-    return [(device, pack_rows(by_device[device])) for device in sorted(by_device, key=_lane_key)]
+            lane = (attempt.node if on_nodes else None, attempt.device or "not placed")
+            by_lane.setdefault(lane, []).append(attempt)
+
+    def order(lane: Lane) -> tuple[bool, str, tuple[int, list[Any]]]:
+        return lane[0] is None, lane[0] or "", _lane_key(lane[1])  # attempts never placed on a node go last
+
+    return [(lane, pack_rows(by_lane[lane])) for lane in sorted(by_lane, key=order)]
+
+
+def _label_room(attempts: list[Attempt]) -> float:
+    """The width left of the bars for the lane labels: LANE_LABEL, or wider for "node / device" labels (up to
+    a third of the chart). A run on one machine keeps LANE_LABEL, whatever its device names."""
+    if not any(a.node for a in attempts if a.spans):
+        return LANE_LABEL
+    widest = max(text_width(lane_label((a.node, a.device or "not placed")), 12.0) for a in attempts if a.spans)
+    return min(max(LANE_LABEL, widest + 16), WIDTH / 3)
 
 
 @dataclass
@@ -158,7 +183,7 @@ def render_timeline(d: Digest, run: RunData) -> str:
     if not any(a.spans for a in d.attempts):
         return '<p class="note">No task phases in the event log or the records: nothing to draw.</p>'
     lo = _detailed_start(d, run)
-    scale = Scale(lo, max(d.wall_time, lo + 1e-3), LANE_LABEL, WIDTH - 24)
+    scale = Scale(lo, max(d.wall_time, lo + 1e-3), _label_room(d.attempts), WIDTH - 24)
     attempts, merged_px = coarsen([a for a in d.attempts if a.spans and a.end - d.started >= lo], scale)
     lanes = _lanes(attempts)
     rows = sum(len(r) for _, r in lanes)
@@ -166,10 +191,10 @@ def render_timeline(d: Digest, run: RunData) -> str:
     rounds = [r for r in _round_times(run) if r[1] - d.started >= lo]
     top = 50.0 if rounds else 32.0
     backgrounds, body, y = [], [], top
-    for index, (device, lane_rows) in enumerate(lanes):
+    for index, (lane, lane_rows) in enumerate(lanes):
         height = max(len(lane_rows) * row_h + 8, 36.0)
         backgrounds.append(rect(0, y, WIDTH, height, "#f4f6f9" if index % 2 == 0 else "#fbfcfd", ' class="lane"'))
-        body.append(_lane(device, lane_rows, y, row_h, scale, d.started))
+        body.append(_lane(lane, lane_rows, y, row_h, scale, d.started))
         y += height + 4
     bands = _round_bands(rounds, d.started, scale, top, y - 4)
     axis = _time_axis(scale, y + 2)
@@ -214,14 +239,16 @@ def _merge_spans(spans: list[Span], gap: float) -> list[Span]:
     return out
 
 
-def _lane(device: str, rows: list[list[Attempt]], y: float, row_h: float, scale: Scale, origin: float) -> str:
+def _lane(lane: Lane, rows: list[list[Attempt]], y: float, row_h: float, scale: Scale, origin: float) -> str:
+    node, device = lane
     count = sum(len(r) for r in rows)
-    parts = [text(8, y + 16, device, "lane-name"),
+    parts = [text(8, y + 16, lane_label(lane), "lane-name"),
              text(8, y + 30, f"{count} attempt{'s' if count != 1 else ''}", "lane-sub")]
     for r, row in enumerate(rows):
         row_y = y + 4 + r * row_h
         parts.extend(_attempt(a, row_y, row_h, scale, origin) for a in row)
-    return f'<g class="device" data-device="{esc(device)}">' + "".join(parts) + "</g>"
+    where = f' data-node="{esc(node)}"' if node is not None else ""
+    return f'<g class="device" data-device="{esc(device)}"{where}>' + "".join(parts) + "</g>"
 
 
 def _attempt(attempt: Attempt, y: float, row_h: float, scale: Scale, origin: float) -> str:
@@ -274,7 +301,9 @@ def _attempt_label(attempt: Attempt, y: float, bar_h: float, scale: Scale, origi
 
 
 def _attempt_title(attempt: Attempt, origin: float) -> str:
-    lines = [f"{attempt.task} · attempt {attempt.number} · {attempt.device or 'not placed'} · {attempt.status}"]
+    where = f"{attempt.node} / " if attempt.node else ""
+    lines = [f"{attempt.task} · attempt {attempt.number} · {where}{attempt.device or 'not placed'} · "
+             f"{attempt.status}"]
     for span in attempt.spans[:MAX_TITLE_PHASES]:
         what = "process start" if span.kind == "start" else f"{span.kind}()"
         tail = (" (still running when the log ends)" if span.open else

@@ -98,6 +98,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from fedsup.engine.devices import cpu_cores, describe_gpus
     from fedsup.engine.units import format_bytes
 
+    if args.cluster is not None:
+        return _cluster_devices(args.cluster, args.json)
     gpus = describe_gpus()
     if args.json:
         _print_json({"gpus": gpus, "cpu_cores": cpu_cores()})
@@ -107,6 +109,42 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for gpu in gpus:
         total, free = format_bytes(gpu["total"]), format_bytes(gpu["free"])
         print(f"{gpu['name']:8} {gpu['model']:28} total {total:>10}   free {free:>10}")
+    return ExitStatus.SUCCESS
+
+
+CLUSTER_FLAG = "--cluster"
+
+
+def _cluster_devices(address: str, as_json: bool) -> int:
+    """``fedsup devices --cluster [ADDRESS]``: every node of the Ray cluster, as it sees itself."""
+    from fedsup.cluster import INSTALL
+    from fedsup.engine.units import format_bytes
+
+    try:
+        import ray  # noqa: F401 - only to tell a missing package from a cluster that is not there
+    except ImportError:
+        raise ConfigError(f"{CLUSTER_FLAG}: listing a cluster's nodes needs the ray package, which is not "
+                          f"installed: {INSTALL}") from None
+    from fedsup.cluster.driver import describe_nodes
+
+    nodes = describe_nodes(address, key=CLUSTER_FLAG)  # the error lines name the flag the address came with
+    if as_json:
+        _print_json({"address": address, "nodes": nodes})
+        return ExitStatus.SUCCESS
+    if not nodes:
+        print(f"the Ray cluster at {address} has no live nodes")
+    for node in nodes:
+        head = (f"{node['node']}  {node.get('address') or '-'}  ray: {node.get('ray_cpus', 0):g} CPU, "
+                f"{node.get('ray_gpus', 0):g} GPU")
+        if "error" in node:
+            print(f"{head}  error: {node['error']}")
+            continue
+        print(f"{head}  cores {node.get('cores', '-')}")
+        if not node.get("gpus"):
+            print("  no NVIDIA GPUs found (NVML reports none)")
+        for gpu in node.get("gpus") or []:
+            total, free = format_bytes(gpu["total"]), format_bytes(gpu["free"])
+            print(f"  {gpu['name']:8} {gpu['model']:28} total {total:>10}   free {free:>10}")
     return ExitStatus.SUCCESS
 
 
@@ -165,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="list GPUs with total and free memory")
     devices.add_argument("--json", action="store_true", help="print JSON")
+    devices.add_argument(CLUSTER_FLAG, nargs="?", const="auto", default=None, metavar="ADDRESS",
+                         help="list the nodes of a Ray cluster instead (default address: auto, the running one)")
     devices.set_defaults(func=cmd_devices)
 
     status = sub.add_parser("status", help="how a run stands: rounds, tasks, metrics")

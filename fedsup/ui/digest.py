@@ -270,6 +270,7 @@ class Attempt:
     device: str | None = None
     spans: list[Span] = field(default_factory=list)
     status: str = "INIT"
+    node: str | None = None     # the cluster node it ran on (Ray backend); None on one machine
     kind: str | None = None     # the error kind of a failed attempt
     error: str | None = None
     failed_at: float | None = None
@@ -327,6 +328,7 @@ def _apply(attempt: Attempt, event: dict[str, Any]) -> None:
     if status in PHASE_OF:
         attempt.spans.append(Span(PHASE_OF[status], when, math.inf))
         attempt.device = attempt.device or _text_or_none(event.get("device"))
+    attempt.node = attempt.node or _text_or_none(event.get("node"))  # the driver names it on every event
     if status in ATTEMPT_FAILED:
         if attempt.spans and attempt.spans[-1].end == when:
             attempt.spans[-1].failed = True
@@ -350,7 +352,8 @@ def _text_or_none(value: Any) -> str | None:
 def _attempts_from_record(record: TaskRecord) -> list[Attempt]:
     attempts = []
     for entry in record.history:
-        attempt = Attempt(record.task_id, entry.attempt, entry.device, status=entry.status.value)
+        attempt = Attempt(record.task_id, entry.attempt, entry.device, status=entry.status.value,
+                          node=entry.node)
         for phase in _phases(entry):
             kind = phase.phase if phase.phase in ("load", "evaluate") else "train"
             attempt.spans.append(Span(kind, phase.started, phase.started + phase.duration))
@@ -382,6 +385,7 @@ def _refine(attempt: Attempt, record: TaskRecord | None) -> None:
     if entry is None:
         return
     attempt.device = attempt.device or entry.device
+    attempt.node = attempt.node or entry.node
     _note_error(attempt, entry.error)
     if getattr(entry, "evaluate", None) is not None and entry.train is None:
         for span in attempt.spans:  # the log says TRAINING for every method; the record says which ran

@@ -83,17 +83,16 @@ class LiveView:
 
     def _render(self) -> Group:
         fed = self.federation
-        if fed is None or fed.supervisor.scheduler is None:
+        if fed is None:
+            return Group(Text("starting…"))
+        # on Ray the supervisor has no scheduler of its own: the backend's driver knows the jobs and nodes
+        driver = getattr(getattr(fed.supervisor, "backend", None), "driver", None)
+        if driver is not None:
+            return self._render_cluster(fed, driver)
+        if fed.supervisor.scheduler is None:
             return Group(Text("starting…"))
         scheduler = fed.supervisor.scheduler
-        elapsed = time.monotonic() - self.started
-        done = fed.completed
-        eta = (elapsed / done * (fed.spec.rounds - done)) if done else None
-        head = Text.assemble(
-            ("fedsup ", "bold"), (fed.spec.name, "bold cyan"),
-            f"   round {fed.round}/{fed.spec.rounds}   elapsed {_duration(elapsed)}",
-            f"   ETA {_duration(eta)}" if eta is not None else "",
-        )
+        head = self._head(fed)
         current = [h for h in list(scheduler.handles) if h.task_id.startswith(f"round-{fed.round}.")]
         retries = sum(max(0, len(h.history) - 1) for h in current)
         devices = Table("device", "reserved", "used", "training", box=None, pad_edge=False)
@@ -109,17 +108,59 @@ class LiveView:
         retried = Text(f"retries this round: {retries}{_heterogeneity(self.this_round)}   "
                        f"processes: {len(scheduler.procs)}")
         parts: list[Any] = [head, job_counts(current), retried, devices]
+        return Group(*self._with_last_round(parts))
+
+    def _head(self, fed: Federation) -> Text:
+        elapsed = time.monotonic() - self.started
+        done = fed.completed
+        eta = (elapsed / done * (fed.spec.rounds - done)) if done else None
+        return Text.assemble(
+            ("fedsup ", "bold"), (fed.spec.name, "bold cyan"),
+            f"   round {fed.round}/{fed.spec.rounds}   elapsed {_duration(elapsed)}",
+            f"   ETA {_duration(eta)}" if eta is not None else "",
+        )
+
+    def _with_last_round(self, parts: list[Any]) -> list[Any]:
         if self.last_round is not None:
             parts.append(Text(f"last round: eval {_fmt_metrics(self.last_round['eval_metrics'])}", style="green"))
-        return Group(*parts)
+        return parts
+
+    def _render_cluster(self, fed: Federation, driver: Any) -> Group:
+        """The panel of a run on a Ray cluster (``fedsup.cluster.driver.Driver``): the round's jobs per state as
+        the driver knows them, and a line of nodes with their jobs under way out of their job slots."""
+        prefix = f"round-{fed.round}."
+        current = [(task, _status(state)) for task, state in driver.jobs() if task.startswith(prefix)]
+        nodes = driver.nodes()
+        line = Text("nodes: ")
+        line.append(", ".join(f"{n['node']} {n['jobs']}/{n['slots']}" for n in nodes) or "none yet")
+        processes = sum(int(n.get("processes") or 0) for n in nodes)
+        line.append(f"   processes: {processes}")
+        lost = len(getattr(driver, "gone", ()))
+        if lost:
+            line.append(f"   nodes lost: {lost}", style="red")
+        parts: list[Any] = [self._head(fed), count_table(current), line]
+        return Group(*self._with_last_round(parts))
+
+
+def _status(state: str) -> TaskStatus:
+    """A job's state as a node reported it; INIT for one this version does not know (a newer agent's)."""
+    try:
+        return TaskStatus(state)
+    except ValueError:
+        return TaskStatus.INIT
 
 
 def job_counts(handles: list[Any]) -> Table:
     """The round's jobs in each state, a row for its train jobs and one for its evaluate jobs (task ids
     ``round-R.client-I`` and ``round-R.client-I.evaluate``)."""
+    return count_table([(handle.task_id, handle.status) for handle in handles])
+
+
+def count_table(jobs: list[tuple[str, TaskStatus]]) -> Table:
+    """``job_counts`` for (task id, state) pairs: what a cluster's driver gives, which has no handles."""
     kinds = {"train jobs": Counter[TaskStatus](), "evaluate jobs": Counter[TaskStatus]()}
-    for handle in handles:
-        kinds["evaluate jobs" if handle.task_id.endswith(".evaluate") else "train jobs"][handle.status] += 1
+    for task_id, status in jobs:
+        kinds["evaluate jobs" if task_id.endswith(".evaluate") else "train jobs"][status] += 1
     shown = [s for s in TaskStatus if any(counts.get(s) for counts in kinds.values())]
     table = Table.grid(padding=(0, 2))
     table.add_row("", *[Text(s.value, style=_STYLE.get(s, "")) for s in shown])

@@ -306,6 +306,7 @@ def test_a_failed_run_says_why_on_the_terminal_and_in_status(tmp_path: Path,
             "round-1.client-1: ValueError: client 1 always fails; round-1.client-2: ValueError: client 2 always "
             "fails; round-1.client-3: ValueError: client 3 always fails; and 2 more (fedsup status "
             f"{run} lists them)") in err, err
+    assert "WARNING" not in err, err  # nothing about the processes fedsup itself ended
     assert cli_main(["status", str(run)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("run guards: failed (from summary.json)")
@@ -315,6 +316,18 @@ def test_a_failed_run_says_why_on_the_terminal_and_in_status(tmp_path: Path,
     failures = json.loads(capsys.readouterr().out)["failures"]
     assert [f["error"] for f in failures] == [
         {"kind": "exception", "type": "ValueError", "message": f"client {c} always fails"} for c in (1, 2, 3, 4, 5)]
+
+
+def test_a_run_failing_after_a_round_warns_of_no_process_fedsup_ended(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # round 1 leaves every client's process parked; round 2 fails and the teardown ends them all
+    data = config(tmp_path, task={"class": "fed_toys:FailingClient",
+                                  "args": {"failing": [1, 2, 3, 4, 5], "from_round": 2}},
+                  federation={"clients": 6, "rounds": 2, "min_clients": 2})
+    assert cli_main(["run", str(write(tmp_path, data))]) == 1
+    err = capsys.readouterr().err
+    assert "round 2: 1 client(s) finished, fewer than min_clients=2" in err, err
+    assert "WARNING" not in err, err
 
 
 # ---------------------------------------------------------------- task folders

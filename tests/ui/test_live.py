@@ -75,6 +75,36 @@ def test_the_panel_labels_train_and_evaluate_jobs() -> None:
     assert "train jobs" in view.console.export_text() and "FAILED" not in view.console.export_text()
 
 
+class FakeDriver:
+    """What the panel reads of ``fedsup.cluster.driver.Driver``: its batch's jobs and its nodes."""
+
+    gone = {"node-id-lost"}
+
+    def jobs(self) -> list[tuple[str, str]]:
+        return [("round-2.client-0", "TRAINING"), ("round-2.client-1", "TRAINING"), ("round-2.client-2", "INIT"),
+                ("round-2.client-3", "FINISHED"), ("round-1.client-0", "FAILED")]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"node": "alpha:1a2b3c", "jobs": 2, "slots": 4, "free_cores": 2, "processes": 3, "gpus": []},
+                {"node": "beta:4d5e6f", "jobs": 0, "slots": 2, "free_cores": 2, "processes": 1, "gpus": []}]
+
+
+def test_the_panel_on_a_cluster_reads_the_driver() -> None:
+    """On Ray the supervisor has no scheduler: the panel counts the driver's jobs and lists its nodes."""
+    fed = fake_federation([])
+    fed.supervisor = SimpleNamespace(scheduler=None, backend=SimpleNamespace(driver=FakeDriver()))
+    view = LiveView(recording())
+    view.attach(fed)
+    view.console.print(view.render())
+    lines = [line.rstrip() for line in view.console.export_text().splitlines()]
+    assert not any("starting" in line for line in lines), lines
+    assert lines[0].startswith("fedsup demo   round 2/3"), lines
+    assert re.search(r"INIT\s+TRAINING\s+FINISHED$", lines[1]) and "FAILED" not in "\n".join(lines), lines
+    assert lines[2].split() == ["train", "jobs", "1", "2", "1"], lines
+    nodes = next(line for line in lines if line.startswith("nodes: "))
+    assert nodes == "nodes: alpha:1a2b3c 2/4, beta:4d5e6f 0/2   processes: 4   nodes lost: 1", nodes
+
+
 # -- a real run on a terminal
 
 

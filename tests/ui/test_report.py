@@ -245,6 +245,31 @@ def test_evaluate_phases_have_their_own_colour(tmp_path: Path) -> None:
     assert "evaluate" in page.texts
 
 
+def test_a_cluster_run_has_a_lane_per_node_and_device(tmp_path: Path) -> None:
+    """A run on two Ray nodes, both with a ``cpu``: a lane for each node's, labelled "node / device". The
+    driver names the node on every event and on the records; a job the log lacks is placed by its record."""
+    alpha, beta = "alpha:1a2b3c", "beta:4d5e6f"
+    statuses = ["AVAILABLE", "LOADING", "WAITING", "TRAINING", "FINISHED"]
+    events = [{"time": T0 + i, "task": task, "attempt": 1, "status": status, "device": "cpu", "node": node}
+              for task, node in (("round-1.client-0", alpha), ("round-1.client-1", beta))
+              for i, status in enumerate(statuses)]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    for task, node in (("round-1.client-0", alpha), ("round-1.client-1", beta), ("round-1.client-2", beta)):
+        train = PhaseRecord(phase="train", device="cpu", started=T0 + 3, duration=1, cpu_time=0.5)
+        attempt = AttemptRecord(attempt=1, status=TaskStatus.FINISHED, started=T0, ended=T0 + 4, device="cpu",
+                                node=node, train=train)
+        record = TaskRecord(task_id=task, status=TaskStatus.FINISHED, attempts=1, device="cpu", node=node,
+                            history=[attempt])
+        (tmp_path / "tasks" / task).mkdir(parents=True)
+        (tmp_path / "tasks" / task / "record.json").write_text(record.model_dump_json())
+    page = parse(report.render_html(digest.load_run(tmp_path)))
+    lanes = page.find("g", "device")
+    assert [(a["data-node"], a["data-device"]) for a in lanes] == [(alpha, "cpu"), (beta, "cpu")]
+    assert [t for t in page.texts if " / cpu" in t and "·" not in t] == [f"{alpha} / cpu", f"{beta} / cpu"]
+    assert "1 attempt" in page.texts and "2 attempts" in page.texts
+    assert f"round-1.client-2 · attempt 1 · {beta} / cpu · FINISHED" in " ".join(page.texts)
+
+
 def test_not_a_run_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a fedsup run directory"):
         digest.load_run(tmp_path)
