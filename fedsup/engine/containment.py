@@ -286,12 +286,7 @@ def remove_tree(root: str, timeout: float = 5.0) -> None:
         folders = [entry.path for entry in os.scandir(root) if entry.is_dir()]
     except OSError:
         return
-    for folder in folders:
-        kill_cgroup(folder)
-    for folder in folders:
-        _wait_unpopulated(folder, timeout)
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
+    _kill_and_remove(folders, timeout)
     with contextlib.suppress(OSError):
         os.rmdir(root)
 
@@ -299,14 +294,19 @@ def remove_tree(root: str, timeout: float = 5.0) -> None:
 def remove_cgroups(folders: list[str], root: str | None, timeout: float = 5.0) -> None:
     """A fork server's last act: kill and remove its task processes' folders; when the supervisor is gone
     (``root`` given), the whole run's folder, whatever is left in it."""
+    _kill_and_remove(folders, timeout)
+    if root is not None:
+        remove_tree(root, timeout)
+
+
+def _kill_and_remove(folders: list[str], timeout: float) -> None:
+    """Kill every folder's processes first, all at once, then wait for each to empty and remove it."""
     for folder in folders:
         kill_cgroup(folder)
     for folder in folders:
         _wait_unpopulated(folder, timeout)
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-    if root is not None:
-        remove_tree(root, timeout)
 
 
 def sweep_stale(base: Path) -> None:
