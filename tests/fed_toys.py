@@ -124,17 +124,25 @@ class HoldingClient(KnownClient):
         self.announce, self.go, self.hold_round, self.hold_client = announce, go, hold_round, hold_client
 
     def train(self, device: str) -> dict[str, Any]:
-        marker = Path(self.go + ".done")
-        if self.go and self.round == self.hold_round and self.client_id == self.hold_client and not marker.exists():
-            marker.touch()
-            go = os.open(self.go, os.O_RDWR)  # read-write: never EOF, so the read below waits for the test
-            try:
-                with open(self.announce, "w") as f:
-                    f.write(f"{os.getpid()}\n")
-                os.read(go, 1)
-            finally:
-                os.close(go)
+        if self.go and self.round == self.hold_round and self.client_id == self.hold_client:
+            hold_once(self.announce, self.go)
         return super().train(device)
+
+
+def hold_once(announce: str, go: str) -> None:
+    """Say this process's pid on the FIFO ``announce``, then wait for a byte on the FIFO ``go``; once across
+    restarts of the run (a marker file beside ``go``), so a resumed run trains on undisturbed."""
+    marker = Path(go + ".done")
+    if marker.exists():
+        return
+    marker.touch()
+    fd = os.open(go, os.O_RDWR)  # read-write: never EOF, so the read below waits for the test
+    try:
+        with open(announce, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.read(fd, 1)
+    finally:
+        os.close(fd)
 
 
 class BadUpdateClient(KnownClient):

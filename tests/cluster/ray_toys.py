@@ -3,9 +3,9 @@ their PYTHONPATH)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
+
+from fed_toys import hold_once
 
 from fedsup.examples.synthetic import SyntheticClient
 
@@ -22,14 +22,6 @@ class HoldingSynthetic(SyntheticClient):
         self.announce, self.go, self.hold_round, self.hold_client = announce, go, hold_round, hold_client
 
     def train(self, device: str) -> dict[str, Any]:
-        marker = Path(self.go + ".done")
-        if self.go and self.round == self.hold_round and self.client_id == self.hold_client and not marker.exists():
-            marker.touch()
-            go = os.open(self.go, os.O_RDWR)  # read-write: never EOF, so the read below waits for the test
-            try:
-                with open(self.announce, "w") as f:
-                    f.write(f"{os.getpid()}\n")
-                os.read(go, 1)
-            finally:
-                os.close(go)
+        if self.go and self.round == self.hold_round and self.client_id == self.hold_client:
+            hold_once(self.announce, self.go)
         return super().train(device)
