@@ -530,8 +530,4 @@ def run_all(folder: Path, names: list[str], sizes: list[int], args: argparse.Nam
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main)

@@ -224,3 +224,12 @@ def print_errors(errors: dict[str, str]) -> int:
 
 def write_json(path: str, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """A bench script's entry: its exit status, and a Ctrl-C as one line and 130 rather than a traceback."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
