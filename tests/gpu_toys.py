@@ -56,7 +56,12 @@ class OomOnce(fedsup.Task):
 
 
 class ContextSize(fedsup.Task):
-    """Reports the GPU memory its process holds through NVML: the CUDA context plus what torch reserved."""
+    """Reports the GPU memory its process holds through NVML: the CUDA context plus what torch reserved; with
+    ``libraries``, after a cuBLAS matmul and a cuDNN convolution too (each loads its kernels and workspace)."""
+
+    def __init__(self, task_id: str, libraries: bool = False) -> None:
+        super().__init__(task_id)
+        self.libraries = libraries
 
     def load(self) -> None:
         pass
@@ -66,6 +71,11 @@ class ContextSize(fedsup.Task):
         import torch
 
         torch.ones(1, device=device)
+        if self.libraries:
+            a = torch.randn(1024, 1024, device=device)
+            (a @ a).sum().item()
+            conv = torch.nn.Conv2d(3, 32, 3, padding=1).to(device)
+            conv(torch.randn(64, 3, 32, 32, device=device)).sum().backward()
         torch.cuda.synchronize()
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0]))

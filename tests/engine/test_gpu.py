@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fedsup
-from fedsup.engine.devices import describe_gpus
+from fedsup.engine.devices import DEFAULT_CONTEXT_MEMORY, DEFAULT_MARGIN, describe_gpus
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not describe_gpus(), reason="no NVIDIA GPU visible through NVML")]
@@ -70,3 +70,33 @@ def test_enforced_estimate_too_small_runs_out_of_memory_then_finishes(tmp_path: 
     assert [a.status for a in record.history[:-1]] == [fedsup.TaskStatus.INTERRUPT] * (record.attempts - 1)
     assert record.attempts >= 2 and all(a.error.kind == "cuda_oom" for a in record.history[:-1])
     assert record.estimate_cuda_memory >= 1024**3
+
+
+@pytest.mark.timeout(180)
+def test_cuda_context_fits_the_default(tmp_path: Path) -> None:
+    # What a task process holds beyond torch's reserved memory once cuBLAS and cuDNN have run: the ledger's
+    # cuda_context_memory must cover it, within the margin, or packed tasks would overcommit the device.
+    record = fedsup.Supervisor(devices="auto").run([ContextSize("ctx", libraries=True)])[0]
+    assert record.status is fedsup.TaskStatus.FINISHED, record.error
+    used, reserved = record.result["nvml_used"], record.result["torch_reserved"]
+    if used is None:
+        pytest.skip("NVML reports no per-process memory on this system")
+    assert used - reserved <= DEFAULT_CONTEXT_MEMORY + DEFAULT_MARGIN, (used - reserved) / 2**20
+
+
+@pytest.mark.timeout(240)
+def test_enforced_oom_leaves_the_tasks_beside_it_untouched(tmp_path: Path) -> None:
+    # Three tasks with honest estimates hold their memory while an under-estimated one, packed beside them,
+    # runs out of its enforced share twice or more: only it is requeued; the others finish on their first try.
+    honest = [Allocate(f"honest-{i}", 2.0, "3GiB", hold=3.0) for i in range(3)]
+    greedy = Allocate("greedy", 1.0, "256MiB")
+    records = fedsup.Supervisor(devices=[0], cpus=4, enforce_memory=True, max_interrupts=5).run([*honest, greedy])
+    by_id = {r.task_id: r for r in records}
+    assert all(r.status is fedsup.TaskStatus.FINISHED for r in records), [r.error for r in records]
+    assert by_id["greedy"].attempts >= 2
+    assert all(a.error.kind == "cuda_oom" for a in by_id["greedy"].history[:-1])
+    assert [by_id[t.task_id].attempts for t in honest] == [1, 1, 1]
+    first_oom = by_id["greedy"].history[0].train
+    assert first_oom is not None
+    spans = [(r.train.started, r.train.started + r.train.duration) for r in (by_id[t.task_id] for t in honest)]
+    assert any(start <= first_oom.started <= end for start, end in spans), "the OOM happened beside the others"
