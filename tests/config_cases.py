@@ -31,7 +31,7 @@ VALID: dict[str, Any] = {
     "supervisor": {
         "devices": "auto", "max_loaded": 8, "max_training": "auto", "max_retries": 3, "max_interrupts": 5,
         "retry_backoff": 0.5, "grace_period": 5, "start_method": "forkserver", "memory_margin": "256MiB",
-        "cuda_context_memory": "500MiB", "timeouts": {"load": 600, "train": 3600},
+        "cuda_context_memory": "768MiB", "timeouts": {"load": 600, "train": 3600},
     },
     "faults": {
         "probability": 0.2, "seed": 0, "kinds": ["exception", "exit", "sigkill", "cuda_oom"],

@@ -32,7 +32,7 @@ class Allocate(fedsup.Task):
         while time.time() < end:  # keep the memory held while others are placed
             torch.cuda._sleep(1_000_000)
             torch.cuda.synchronize()
-        return {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": device,
+        return {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": device, "ppid": os.getppid(),
                 "count": torch.cuda.device_count(), "sum": int(block[:10].sum())}
 
 

@@ -72,6 +72,20 @@ class Ok(fedsup.Task):
                 "nice": os.getpriority(os.PRIO_PROCESS, 0), "threads": len(os.listdir("/proc/self/task"))}
 
 
+class Environ(fedsup.Task):
+    """Reports one environment variable as its process sees it when it trains."""
+
+    def __init__(self, task_id: str, name: str) -> None:
+        super().__init__(task_id)
+        self.name = name
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        return {**_base(self, device), "value": os.environ.get(self.name)}
+
+
 class Timed(fedsup.Task):
     """Trains for ``seconds`` (its workload, not a synchronisation) and reports when it started and ended."""
 

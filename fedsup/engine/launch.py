@@ -137,6 +137,42 @@ def reap_group(pgid: int) -> None:
         pass
 
 
+# torch.cuda.is_available() asks the CUDA runtime, which registers a fork handler that leaves every later child
+# of the process unable to use CUDA ("Cannot re-initialize CUDA in forked subprocess"); torch's own warm-up
+# paths call it (an optimiser's step, torch._dynamo's import), and so do many user modules at import. With
+# this variable set torch asks NVML instead. A fork server keeps it set for its whole life; its children get
+# the user's value back before they run anything of the task's.
+NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+_user_nvml_check: str | None = None
+
+
+def cuda_fork_poisoned() -> bool:
+    """Whether a child forked from this process now would be unable to use CUDA. No API reads torch's fork
+    handler, so a child is forked to look (a CPU build of torch never registers one)."""
+    if not torch.backends.cuda.is_built():
+        return False
+    pid = os.fork()
+    if pid == 0:
+        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 1
+
+
+def guard_cuda_for_forking() -> None:
+    """In a fork server, before its imports and warm-up: keep CUDA checks off the CUDA runtime (see above)."""
+    global _user_nvml_check
+    _user_nvml_check = os.environ.get(NVML_CUDA_CHECK)
+    os.environ[NVML_CUDA_CHECK] = "1"
+
+
+def restore_cuda_check() -> None:
+    """In a task process just forked: the user's own setting of the variable, or none."""
+    if _user_nvml_check is None:
+        os.environ.pop(NVML_CUDA_CHECK, None)
+    else:
+        os.environ[NVML_CUDA_CHECK] = _user_nvml_check
+
+
 def warm_torch() -> None:
     """Pay torch's first-use costs once, in the server, so that no task process pays them again.
 
@@ -349,6 +385,9 @@ class ForkServerLauncher:
             return f"{threading.active_count() - 1} other Python thread(s) are running"
         if torch.cuda.is_initialized():
             return "CUDA is initialised in this process"
+        if cuda_fork_poisoned():
+            return ("this process asked the CUDA runtime for its devices (torch.cuda.is_available(), say), so no "
+                    "process forked from it could use CUDA")
         if self._cpus_wanted > 1 and thread_count() > _BASELINE_THREADS:
             return "native threads (an OpenMP pool, most likely) were started since torch was imported"
         return None
@@ -679,6 +718,7 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
     leaves (told to stop, the supervisor gone, SIGTERM, an error), it kills its whole tree first.
     """
     die_with_parent(supervisor_pid)  # SIGKILL while warming up: it has no child yet, nothing to clean up
+    guard_cuda_for_forking()
     os.setpgid(0, 0)
     become_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -785,6 +825,7 @@ def _become_child(sock: socket.socket, wake_r: int, wake_w: int, fd: int, spec: 
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's is for the server alone
+        restore_cuda_check()
         sock.close()
         os.close(wake_r)
         os.close(wake_w)

@@ -42,6 +42,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fedsup.engine import backends
+from fedsup.engine.devices import DEFAULT_CONTEXT_MEMORY, DEFAULT_MARGIN
 from fedsup.engine.errors import ConfigError
 from fedsup.engine.faults import FaultPlan
 from fedsup.engine.messages import Fault
@@ -382,8 +383,8 @@ class SupervisorConfig(_Section):
     retry_backoff: float = Field(default=0.5, ge=0)
     grace_period: Seconds = 5.0
     start_method: Literal["forkserver", "spawn"] = "forkserver"
-    memory_margin: Size = 256 * 1024**2
-    cuda_context_memory: Size = 500 * 1024**2
+    memory_margin: Size = DEFAULT_MARGIN
+    cuda_context_memory: Size = DEFAULT_CONTEXT_MEMORY
     enforce_memory: bool = False
     tasks_per_process: Annotated[int | Literal["auto"], _auto_or_count("tasks_per_process")] = "auto"
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import fedsup
-from fedsup.engine.devices import DEFAULT_CONTEXT_MEMORY, DEFAULT_MARGIN, describe_gpus
+from fedsup.engine.devices import DEFAULT_CONTEXT_MEMORY, DEFAULT_MARGIN, cpu_cores, describe_gpus
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not describe_gpus(), reason="no NVIDIA GPU visible through NVML")]
@@ -99,4 +101,39 @@ def test_enforced_oom_leaves_the_tasks_beside_it_untouched(tmp_path: Path) -> No
     first_oom = by_id["greedy"].history[0].train
     assert first_oom is not None
     spans = [(r.train.started, r.train.started + r.train.duration) for r in (by_id[t.task_id] for t in honest)]
-    assert any(start <= first_oom.started <= end for start, end in spans), "the OOM happened beside the others"
+    oom_end = first_oom.started + first_oom.duration
+    assert any(start < oom_end and first_oom.started < end for start, end in spans), "it ran beside the others"
+
+
+@pytest.mark.timeout(240)
+def test_every_task_process_can_use_cuda_whichever_fork_server_forked_it(tmp_path: Path) -> None:
+    # The warm server's warm-up runs an optimiser step, which asks torch.cuda.is_available(): through the CUDA
+    # runtime that would leave every child of the server unable to use CUDA. One process per task, so that
+    # both servers fork some, and no retries, so that no failure hides behind one.
+    tasks = [Allocate(f"t{i}", 0.1, "512MiB") for i in range(cpu_cores() + 4)]
+    records = fedsup.Supervisor(devices=[0], max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
+    assert all(r.status is fedsup.TaskStatus.FINISHED for r in records), [r.error for r in records]
+    assert len({r.result["ppid"] for r in records}) == 2, "tasks from both fork servers"
+
+
+SUPERVISOR_ASKED_CUDA_FIRST = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+assert torch.cuda.is_available()  # through the CUDA runtime: a child forked from here could not use CUDA
+import fedsup
+from fedsup.engine import launch
+from gpu_toys import Allocate
+assert launch.cuda_fork_poisoned()
+records = fedsup.Supervisor(devices=[0], max_retries=0).run([Allocate(f"a{i}", 0.1, "512MiB") for i in range(3)])
+assert all(r.status.value == "FINISHED" for r in records), [r.error for r in records]
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_supervisor_that_asked_cuda_first_still_runs_cuda_tasks(tmp_path: Path) -> None:
+    # In its own interpreter: the question cannot be taken back, and this test process must stay able to fork.
+    tests = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", SUPERVISOR_ASKED_CUDA_FIRST, tests], capture_output=True,
+                          text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -9,6 +9,7 @@ a pidfd. ``pytest.mark.timeout`` marks are deadlock detectors only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -26,6 +27,7 @@ from fakes import max_overlap
 
 import fedsup
 from fedsup import FaultPlan, Supervisor, TaskRecord, TaskStatus
+from fedsup.engine import launch
 from fedsup.engine.devices import cpu_cores
 from fedsup.engine.faults import FAULT_KINDS
 from fedsup.engine.states import allowed
@@ -383,6 +385,34 @@ def test_first_tasks_start_from_a_cold_server_while_the_warm_one_gets_ready() ->
     # more than the cold server's children (each has the worker's own parent watcher)
     assert {r.result["nice"] for r in records} == {os.getpriority(os.PRIO_PROCESS, 0)}
     assert len({r.result["threads"] for r in records}) == 1, [r.result["threads"] for r in records]
+
+
+@pytest.mark.parametrize("user_value", [None, "0"])
+def test_task_processes_see_the_user_s_own_cuda_check_setting(monkeypatch: pytest.MonkeyPatch,
+                                                               user_value: str | None) -> None:
+    # Fork servers keep torch's CUDA checks on NVML (so that no warm-up or import leaves their children unable
+    # to use CUDA); a task, from either server, sees the variable as the user set it, or not at all.
+    if user_value is None:
+        monkeypatch.delenv(launch.NVML_CUDA_CHECK, raising=False)
+    else:
+        monkeypatch.setenv(launch.NVML_CUDA_CHECK, user_value)
+    tasks = [toys.Environ(f"env-{i}", launch.NVML_CUDA_CHECK) for i in range(max(1, cpu_cores() - 1) + 2)]
+    records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
+    assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
+    assert len({r.result["ppid"] for r in records}) == 2, "tasks from both fork servers"
+    assert {r.result["value"] for r in records} == {user_value}
+
+
+def test_a_process_that_cannot_fork_for_cuda_starts_its_fork_servers_with_spawn(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Once the supervisor's process has asked the CUDA runtime anything, its forked children cannot use CUDA:
+    # the servers are started with spawn instead, and say why.
+    assert not launch.cuda_fork_poisoned()
+    monkeypatch.setattr(launch, "cuda_fork_poisoned", lambda: True)
+    caplog.set_level(logging.INFO, logger="fedsup.engine.launch")
+    record = Supervisor("cpu", max_retries=0).run([toys.Ok("ok")])[0]
+    assert record.status is TaskStatus.FINISHED, record.error
+    assert any("with spawn" in m and "CUDA runtime" in m for m in caplog.messages), caplog.messages
 
 
 @pytest.mark.timeout(120)

@@ -111,8 +111,8 @@ def test_the_freest_device_is_chosen():
                      Device("cuda:1", "cuda", 16 * GiB, index=1, described=True)], cores=8)
     tasks = [T(f"t{i}", estimate_cuda_memory="4GiB") for i in range(3)]
     _, rt, _ = run(tasks, inventory=inv, default=Behaviour(train=ok(10)))
-    # room (total - reservations - 256 MiB margin; each task reserves 4 GiB + a 500 MiB context):
-    # cuda:1 15.75 -> 11.26 -> 6.77 GiB; cuda:0 7.75 GiB: so cuda:1, cuda:1, then cuda:0
+    # room (total - reservations - 256 MiB margin; each task reserves 4 GiB + a 768 MiB context):
+    # cuda:1 15.75 -> 11.0 -> 6.25 GiB; cuda:0 7.75 GiB: so cuda:1, cuda:1, then cuda:0
     assert [e.what.device for e in rt.sends(Train)] == ["cuda:1", "cuda:1", "cuda:0"]
     assert len({e.time for e in rt.sends(Train)}) == 1, "all three fit at once"
 
@@ -131,7 +131,7 @@ def test_a_task_larger_than_every_device_fails_at_once_without_a_process():
     assert big.status is S.FAILED
     assert big.attempts == 0 and big.history == []
     assert big.error is not None and big.error.kind == "placement" and big.error.type == "PlacementError"
-    for part in ("20.0 GiB", "cuda:1", "16.0 GiB", "15.3 GiB"):   # 16 GiB - 256 MiB margin - 500 MiB context
+    for part in ("20.0 GiB", "cuda:1", "16.0 GiB", "15.0 GiB"):   # 16 GiB - 256 MiB margin - 768 MiB context
         assert part in big.error.message, (part, big.error.message)
     assert big.estimate_cuda_memory == 20 * GiB
     assert rt.entries("spawn", "big") == [] and rt.entries("send", "big") == []
@@ -141,7 +141,7 @@ def test_a_task_larger_than_every_device_fails_at_once_without_a_process():
 def test_placement_boundary_is_the_capacity():
     inv = gpus("16GiB")
     cap = inv.capacity(inv.gpus[0])
-    assert cap == 16 * GiB - 256 * MiB - 500 * MiB
+    assert cap == 16 * GiB - 256 * MiB - 768 * MiB
     records, rt, _ = run([T("fits", estimate_cuda_memory=cap), T("over", estimate_cuda_memory=cap + 1)],
                          inventory=inv)
     assert records["fits"].status is S.FINISHED
@@ -342,7 +342,7 @@ def test_cuda_oom_grows_the_estimate_up_to_the_largest_capacity_then_fails(tmp_p
     failed = [e for e in events if e["status"] == "FAILED"]
     assert len(failed) == 1
     assert "already at the largest device's capacity" in failed[0]["reason"]
-    assert "15.3 GiB" in failed[0]["reason"]
+    assert "15.0 GiB" in failed[0]["reason"]
     assert run_dir.read_record("t").status is S.FAILED
 
 
