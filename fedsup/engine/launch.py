@@ -22,6 +22,7 @@ task pipes in one ``connection.wait``.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import logging
@@ -34,6 +35,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -137,25 +140,50 @@ def reap_group(pgid: int) -> None:
         pass
 
 
-# torch.cuda.is_available() asks the CUDA runtime, which registers a fork handler that leaves every later child
-# of the process unable to use CUDA ("Cannot re-initialize CUDA in forked subprocess"); torch's own warm-up
-# paths call it (an optimiser's step, torch._dynamo's import), and so do many user modules at import. With
-# this variable set torch asks NVML instead. A fork server keeps it set for its whole life; its children get
-# the user's value back before they run anything of the task's.
+# A process forked after the CUDA driver was initialised cannot use CUDA ("CUDA error: initialization error",
+# or torch's "Cannot re-initialize CUDA in forked subprocess"). Much initialises it besides CUDA work:
+# torch.cuda.is_available() asks the CUDA runtime, and so does an optimiser's step (its graph-capture check)
+# and autograd's first backward pass (it starts a thread per device), even on CPU tensors. With this variable
+# set torch asks NVML instead; a fork server keeps it set for its whole life (user modules often call
+# is_available() at import), and its children get the user's value back before they run anything of the task's.
 NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 _user_nvml_check: str | None = None
+_CUDA_ERROR_NOT_INITIALIZED = 3
 
 
-def cuda_fork_poisoned() -> bool:
-    """Whether a child forked from this process now would be unable to use CUDA. No API reads torch's fork
-    handler, so a child is forked to look (a CPU build of torch never registers one)."""
+def cuda_initialised_here() -> bool:
+    """Whether this process has initialised the CUDA driver, asked without initialising it: before cuInit,
+    cuCtxGetCurrent answers CUDA_ERROR_NOT_INITIALIZED. False where torch has no CUDA or there is no driver."""
     if not torch.backends.cuda.is_built():
         return False
-    pid = os.fork()
-    if pid == 0:
-        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 1
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    context = ctypes.c_void_p()
+    return int(driver.cuCtxGetCurrent(ctypes.byref(context))) != _CUDA_ERROR_NOT_INITIALIZED
+
+
+def cuda_problem() -> str | None:
+    """What a fork server tells the supervisor when its imports or warm-up initialised CUDA: its children
+    could not use it."""
+    if cuda_initialised_here():
+        return "the CUDA driver was initialised in the fork server, so the processes it forks cannot use CUDA"
+    return None
+
+
+@contextmanager
+def devices_hidden() -> Iterator[None]:
+    """No GPU visible for a while: torch's CUDA checks (through NVML) find none and touch no driver."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def guard_cuda_for_forking() -> None:
@@ -190,10 +218,19 @@ def warm_torch() -> None:
     torch.set_num_threads(1)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-    for opt in (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.Adam(model.parameters())):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    # With CUDA in torch, no backward pass: autograd's first one initialises the driver (see NVML_CUDA_CHECK),
+    # so the gradients are set by hand; the steps run with no GPU visible, for the optimisers' own checks.
+    cuda_build = torch.backends.cuda.is_built()
+    with devices_hidden():
+        for opt in (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.Adam(model.parameters())):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            if cuda_build:
+                for p in model.parameters():
+                    p.grad = torch.ones_like(p)
+            else:
+                loss.backward()
+            opt.step()
     torch.manual_seed(0)
     folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.NamedTemporaryFile(dir=folder, prefix="fedsup-warm-", suffix=".pt") as f:
@@ -385,9 +422,9 @@ class ForkServerLauncher:
             return f"{threading.active_count() - 1} other Python thread(s) are running"
         if torch.cuda.is_initialized():
             return "CUDA is initialised in this process"
-        if cuda_fork_poisoned():
-            return ("this process asked the CUDA runtime for its devices (torch.cuda.is_available(), say), so no "
-                    "process forked from it could use CUDA")
+        if cuda_initialised_here():
+            return ("the CUDA driver is initialised in this process (by torch.cuda.is_available(), a backward "
+                    "pass or any CUDA call), so no process forked from it could use CUDA")
         if self._cpus_wanted > 1 and thread_count() > _BASELINE_THREADS:
             return "native threads (an OpenMP pool, most likely) were started since torch was imported"
         return None
@@ -564,11 +601,15 @@ class ForkServerLauncher:
             if not data:
                 return self._server_gone(server, exited)
             self._on_report(server, pickle.loads(data), exited)
+            if server not in self._servers():  # forgone (see _forgo): stopped and reaped already
+                return exited
 
     def _on_report(self, server: _Server, message: tuple[Any, ...],
                    exited: list[tuple[ServerChild, ExitInfo]]) -> None:
         if message[0] in ("ready", "serving"):
             server.due.pop("serving", None)
+            if message[1] is not None and self._forgo(server, message[0], message[1]):
+                return
         if message[0] == "ready":
             server.ready = True
             if self._cold is not None and not self._cold.retiring:
@@ -591,6 +632,22 @@ class ForkServerLauncher:
             server.due.pop(found, None)
             found.exit = ExitInfo.from_wait_status(message[2])
             exited.append((found, found.exit))
+
+    def _forgo(self, server: _Server, state: str, problem: str) -> bool:
+        """A server whose start initialised CUDA. A warm one has forked nothing yet: it is stopped and the cold
+        one serves in its place, for the rest of the run (True). Otherwise there is nothing better to fork
+        from: it serves, and the log says why CUDA tasks fail (False)."""
+        cold = self._cold
+        if state == "ready" and server is self._warm and cold is not None and not cold.retiring:
+            log.warning("%s: task processes come from the cold fork server instead (torch not warmed)", problem)
+            server.sock.send(pickle.dumps(("stop",)))
+            self._reap_server(server)
+            cold.ready = True
+            self._warm, self._cold = cold, None
+            return True
+        log.warning("%s: tasks that use CUDA will fail (look for CUDA calls at import in the task's modules)",
+                    problem)
+        return False
 
     def _server_gone(self, server: _Server,
                      exited: list[tuple[ServerChild, ExitInfo]]) -> list[tuple[ServerChild, ExitInfo]]:
@@ -728,12 +785,12 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
     signal.signal(signal.SIGCHLD, lambda *_: None)
     if warm:
         warm_up(preload)
-        sock.send(pickle.dumps(("ready",)))
+        sock.send(pickle.dumps(("ready", cuda_problem())))
     else:
         for module in preload:
             importlib.import_module(module)
         gc.freeze()  # cheap (no collection): a child's collections then leave the inherited heap alone
-        sock.send(pickle.dumps(("serving",)))
+        sock.send(pickle.dumps(("serving", cuda_problem())))
     # From here on it has children: the supervisor's death must wake the loop to clean up, not kill it.
     signal.signal(signal.SIGTERM, lambda *_: None)
     die_with_parent(supervisor_pid, signal.SIGTERM)

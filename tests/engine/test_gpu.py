@@ -107,9 +107,9 @@ def test_enforced_oom_leaves_the_tasks_beside_it_untouched(tmp_path: Path) -> No
 
 @pytest.mark.timeout(240)
 def test_every_task_process_can_use_cuda_whichever_fork_server_forked_it(tmp_path: Path) -> None:
-    # The warm server's warm-up runs an optimiser step, which asks torch.cuda.is_available(): through the CUDA
-    # runtime that would leave every child of the server unable to use CUDA. One process per task, so that
-    # both servers fork some, and no retries, so that no failure hides behind one.
+    # The warm server's warm-up trains a model on the CPU; done as a plain backward pass and optimiser step, it
+    # initialises the CUDA driver and leaves every child of the server unable to use CUDA. One process per
+    # task, so that both servers fork some, and no retries, so that no failure hides behind one.
     tasks = [Allocate(f"t{i}", 0.1, "512MiB") for i in range(cpu_cores() + 4)]
     records = fedsup.Supervisor(devices=[0], max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
     assert all(r.status is fedsup.TaskStatus.FINISHED for r in records), [r.error for r in records]
@@ -124,7 +124,7 @@ assert torch.cuda.is_available()  # through the CUDA runtime: a child forked fro
 import fedsup
 from fedsup.engine import launch
 from gpu_toys import Allocate
-assert launch.cuda_fork_poisoned()
+assert launch.cuda_initialised_here()
 records = fedsup.Supervisor(devices=[0], max_retries=0).run([Allocate(f"a{i}", 0.1, "512MiB") for i in range(3)])
 assert all(r.status.value == "FINISHED" for r in records), [r.error for r in records]
 """

@@ -407,12 +407,33 @@ def test_a_process_that_cannot_fork_for_cuda_starts_its_fork_servers_with_spawn(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # Once the supervisor's process has asked the CUDA runtime anything, its forked children cannot use CUDA:
     # the servers are started with spawn instead, and say why.
-    assert not launch.cuda_fork_poisoned()
-    monkeypatch.setattr(launch, "cuda_fork_poisoned", lambda: True)
+    assert not launch.cuda_initialised_here()
+    monkeypatch.setattr(launch, "cuda_initialised_here", lambda: True)
     caplog.set_level(logging.INFO, logger="fedsup.engine.launch")
     record = Supervisor("cpu", max_retries=0).run([toys.Ok("ok")])[0]
     assert record.status is TaskStatus.FINISHED, record.error
-    assert any("with spawn" in m and "CUDA runtime" in m for m in caplog.messages), caplog.messages
+    assert any("with spawn" in m and "CUDA driver" in m for m in caplog.messages), caplog.messages
+
+
+def test_a_warm_server_whose_warm_up_initialised_cuda_is_stopped_and_the_cold_one_serves(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The servers are forked from this process, so they carry these stand-ins: only the warm server, once
+    # warmed, reports that CUDA was initialised in it. None of its children could use CUDA, so it forks none.
+    warmed = {"done": False}
+    warm_torch = launch.warm_torch
+
+    def warm_and_mark() -> None:
+        warm_torch()
+        warmed["done"] = True
+
+    monkeypatch.setattr(launch, "warm_torch", warm_and_mark)
+    monkeypatch.setattr(launch, "cuda_problem", lambda: "CUDA initialised in the warm-up" if warmed["done"] else None)
+    caplog.set_level(logging.WARNING, logger="fedsup.engine.launch")
+    tasks = [toys.Ok(f"t{i}") for i in range(max(1, cpu_cores() - 1) + 2)]
+    records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
+    assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
+    assert len({r.result["ppid"] for r in records}) == 1, "every task from the cold server"
+    assert any("from the cold fork server instead" in m for m in caplog.messages), caplog.messages
 
 
 @pytest.mark.timeout(120)
