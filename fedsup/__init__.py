@@ -23,7 +23,8 @@ if TYPE_CHECKING:
         TaskFailed,
     )
     from fedsup.engine.faults import FaultPlan
-    from fedsup.engine.records import AttemptRecord, ErrorInfo, PhaseRecord, TaskRecord
+    from fedsup.engine.records import AttemptRecord, ErrorInfo, PhaseRecord, SpanRecord, TaskRecord
+    from fedsup.engine.spans import current_span, span
     from fedsup.engine.states import TaskStatus
     from fedsup.engine.supervisor import Supervisor
     from fedsup.engine.task import Task
@@ -36,7 +37,8 @@ _HOMES = {
     "fedsup.engine.errors": ("ConfigError", "FedsupError", "PlacementError", "RunFailed", "RunInterrupted",
                              "TaskContractError", "TaskFailed"),
     "fedsup.engine.faults": ("FaultPlan",),
-    "fedsup.engine.records": ("AttemptRecord", "ErrorInfo", "PhaseRecord", "TaskRecord"),
+    "fedsup.engine.records": ("AttemptRecord", "ErrorInfo", "PhaseRecord", "SpanRecord", "TaskRecord"),
+    "fedsup.engine.spans": ("current_span", "span"),
     "fedsup.engine.states": ("TaskStatus",),
     "fedsup.engine.supervisor": ("Supervisor",),
     "fedsup.engine.task": ("Task",),
@@ -79,6 +81,7 @@ __all__ = [
     "PlacementError",
     "RunFailed",
     "RunInterrupted",
+    "SpanRecord",
     "Strategy",
     "Supervisor",
     "Task",
@@ -87,6 +90,8 @@ __all__ = [
     "TaskRecord",
     "TaskStatus",
     "__version__",
+    "current_span",
     "make_strategy",
     "run",
+    "span",
 ]

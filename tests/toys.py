@@ -86,6 +86,42 @@ class Environ(fedsup.Task):
         return {**_base(self, device), "value": os.environ.get(self.name)}
 
 
+class Spanned(fedsup.Task):
+    """Measures its work in nested spans: one that allocates ``mib`` MiB and a sibling that does not, a span
+    whose exception the task catches, and with ``escape`` one whose exception ends the phase."""
+
+    def __init__(self, task_id: str, mib: int = 200, escape: bool = False) -> None:
+        super().__init__(task_id)
+        self.mib = mib
+        self.escape = escape
+
+    def load(self) -> None:
+        with fedsup.span("read", files=2):
+            pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        seen: dict[str, Any] = {"outside": fedsup.current_span()}
+        with fedsup.span("epoch", epoch=3):
+            with fedsup.span("alloc"):
+                block = bytearray(self.mib * 1024 * 1024)
+                block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not only mapped
+                seen["inner"] = fedsup.current_span().name
+                del block
+            with fedsup.span("idle"):
+                pass
+            try:
+                with fedsup.span("bad"):
+                    raise ValueError("caught by the task")
+            except ValueError:
+                pass
+            seen["outer"] = fedsup.current_span().data
+            if self.escape:
+                with fedsup.span("fatal"):
+                    raise RuntimeError("ends the phase")
+        seen["after"] = fedsup.current_span()
+        return seen
+
+
 class Timed(fedsup.Task):
     """Trains for ``seconds`` (its workload, not a synchronisation) and reports when it started and ended."""
 

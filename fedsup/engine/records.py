@@ -53,6 +53,21 @@ class ErrorInfo(_Record):
         return f"{self.type}: {self.message}"
 
 
+class SpanRecord(_Record):
+    """A measured span inside a phase (``fedsup.span``), with the spans opened inside it."""
+
+    name: str
+    data: dict[str, Any] = {}
+    started: float                 # seconds since the epoch
+    duration: float                # wall seconds
+    cpu_time: float                # user + system CPU seconds of the task's process
+    peak_memory: int | None = None  # bytes: VmHWM over the span
+    peak_gpu_memory: int | None = None  # bytes: torch.cuda.max_memory_allocated over the span, where CUDA was used
+    failed: bool = False           # left by an exception
+    error: str | None = None       # that exception, "Type: message"
+    children: list[SpanRecord] = []
+
+
 class PhaseRecord(_Record):
     """One phase of one attempt, measured in the child."""
 
@@ -63,6 +78,7 @@ class PhaseRecord(_Record):
     cpu_time: float                # user + system CPU seconds of the task's process
     peak_memory: int | None = None  # bytes: VmHWM, reset at the start of the phase
     peak_gpu_memory: int | None = None  # bytes: torch.cuda.max_memory_reserved, where CUDA was used
+    spans: list[SpanRecord] = []   # the phase's top-level spans (fedsup.span)
 
 
 class AttemptRecord(_Record):
@@ -126,6 +142,11 @@ class TaskRecord(_Record):
     train: PhaseRecord | None = None
     evaluate: PhaseRecord | None = None
     history: list[AttemptRecord] = []
+
+    @property
+    def spans(self) -> list[SpanRecord]:
+        """The last attempt's top-level spans, phase by phase (load, train, evaluate)."""
+        return [s for p in (self.load, self.train, self.evaluate) if p is not None for s in p.spans]
 
     @field_serializer("result")
     def _serialize_result(self, value: Any) -> Any:

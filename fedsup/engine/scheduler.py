@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import signal
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +70,8 @@ class Policy:
     enforce_memory: bool = False  # hold each task to its estimates: host (RLIMIT_AS), GPU (allocator cap)
     tasks_per_process: int = 1    # >1: a process that finished a task may load another (no fork; less isolation)
     reuse_below: float | None = None  # only after a task that took less (s): where a fresh process costs most
+    # label -> at most this many tasks holding it loaded or training at once (Task.labels)
+    limits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -224,11 +226,14 @@ class Scheduler:
         now = self.runtime.now()
         while self.delayed and self.delayed[0][0] <= now:
             self.ready.append(heapq.heappop(self.delayed)[2])
+        held = self._labels_held()
         while self.ready:
-            handle = self.ready[0]
+            handle = self._next_ready(held)
+            if handle is None:
+                return  # every ready task holds a label at its limit
             parked = self.idle.pop(handle.key, None)
             if parked is not None:
-                self.ready.popleft()
+                self._take(handle, held)
                 self.adopt(handle, parked)
                 continue
             full = len(self.procs) >= self.policy.max_loaded
@@ -237,7 +242,7 @@ class Scheduler:
             can_start = not full and self.runtime.can_spawn(handle.one_off)
             spare = self._reusable(handle) if (not can_start or not self.policy.keep_loaded) else None
             if spare is not None:
-                self.ready.popleft()
+                self._take(handle, held)
                 self.reuse(handle, spare)
                 continue
             if full:
@@ -249,8 +254,33 @@ class Scheduler:
             if self.host_memory is not None and self.procs and self.host_reserved + need > self.host_memory:
                 self._evict_idle()
                 return  # wait for memory to come back; first in, first out
-            self.ready.popleft()
+            self._take(handle, held)
             self.start(handle)
+
+    def _labels_held(self) -> Counter[str]:
+        """How many tasks holding each limited label are loaded or training (a parked process's task is done)."""
+        held: Counter[str] = Counter()
+        if self.policy.limits:
+            for handle in self.procs.values():
+                if handle is not None:
+                    held.update(x for x in handle.task.labels if x in self.policy.limits)
+        return held
+
+    def _next_ready(self, held: Counter[str]) -> TaskHandle | None:
+        """The first ready task whose labels are all under their limits: first in, first out, except that a
+        task waiting for its label does not hold up the ones behind it."""
+        limits = self.policy.limits
+        if not limits:
+            return self.ready[0]
+        return next((h for h in self.ready if all(held[x] < limits.get(x, held[x] + 1) for x in h.task.labels)),
+                    None)
+
+    def _take(self, handle: TaskHandle, held: Counter[str]) -> None:
+        if self.ready[0] is handle:
+            self.ready.popleft()
+        else:
+            self.ready.remove(handle)
+        held.update(x for x in handle.task.labels if x in self.policy.limits)
 
     def _reusable(self, handle: TaskHandle) -> Child | None:
         """A parked process that may take ``handle`` (tasks_per_process allows it, no queued task wants it,

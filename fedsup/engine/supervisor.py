@@ -17,7 +17,7 @@ import psutil
 
 from fedsup.engine import backends
 from fedsup.engine.devices import DEFAULT_CONTEXT_MEMORY, DEFAULT_MARGIN, Inventory, cpu_cores
-from fedsup.engine.errors import RunInterrupted
+from fedsup.engine.errors import ConfigError, RunInterrupted
 from fedsup.engine.faults import FaultPlan
 from fedsup.engine.launch import make_launcher
 from fedsup.engine.records import TaskRecord
@@ -91,6 +91,7 @@ class Supervisor:
         server_start_timeout: float = 120.0,
         backend: str = "local",
         ray_address: str = "auto",
+        limits: dict[str, int] | None = None,
     ) -> None:
         # every option but the backend's, for a backend that runs a local supervisor on each of its nodes
         self.options = {k: v for k, v in locals().items() if k not in ("self", "backend", "ray_address")}
@@ -104,6 +105,7 @@ class Supervisor:
         for name, value in optional:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected a whole number >= 1 or None, got {value!r}")
+        self.limits = _limits(limits)
         _positive("load_timeout", load_timeout)
         _positive("train_timeout", train_timeout)
         _positive("grace_period", grace_period, allow_none=False)
@@ -131,6 +133,7 @@ class Supervisor:
             faults=faults,
             keep_loaded=keep_loaded,
             enforce_memory=enforce_memory,
+            limits=self.limits,
             **process_reuse(tasks_per_process),
         )
         self.run_dir = run_dir
@@ -158,6 +161,7 @@ class Supervisor:
         ``tasks`` are the ones that will run, so that the fork server can import their modules.
         """
         tasks = list(tasks)
+        check_labels(self.limits, tasks)
         if self.backend is not None:
             with self.backend.session(tasks) as remote:
                 yield remote
@@ -231,3 +235,26 @@ class Session:
         if self.scheduler.stop_signal is not None:
             raise RunInterrupted(self.scheduler.stop_signal, records)
         return records
+
+
+def _limits(limits: dict[str, int] | None) -> dict[str, int]:
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict):
+        raise ValueError(f"limits: expected a mapping of label to count such as {{'download': 2}}, got {limits!r}")
+    for label, count in limits.items():
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"limits: expected label names, got {label!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"limits[{label!r}]: expected a whole number >= 1, got {count!r}")
+    return dict(limits)
+
+
+def check_labels(limits: dict[str, int], tasks: list[Task]) -> None:
+    """A limit on a label that no task holds is a typo, not a no-op: said before anything starts."""
+    held = {label for t in tasks for label in t.labels}
+    unknown = sorted(set(limits) - held)
+    if tasks and unknown:
+        raise ConfigError(f"limits: {', '.join(map(repr, unknown))} is held by no task (the tasks' labels: "
+                          f"{', '.join(sorted(held)) or 'none'})")
+

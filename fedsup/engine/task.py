@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from fedsup.engine.states import TaskStatus
@@ -26,6 +27,8 @@ class Task(abc.ABC):
     picklable state before ``load()``; what ``load()`` builds stays in the child.
     """
 
+    labels: tuple[str, ...] = ()  # for subclasses that set up without Task.__init__
+
     def __init__(
         self,
         task_id: str | None = None,
@@ -34,6 +37,7 @@ class Task(abc.ABC):
         estimate_cuda_memory: int | str | None = None,
         cpus: int = 1,
         device: str | None = None,
+        labels: Sequence[str] = (),
     ) -> None:
         if task_id is not None and (not isinstance(task_id, str) or not task_id):
             raise ValueError(f"task_id: expected a non-empty string, got {task_id!r}")
@@ -41,11 +45,15 @@ class Task(abc.ABC):
             raise ValueError(f"cpus: expected a whole number >= 1, got {cpus!r}")
         if device is not None and not isinstance(device, str):
             raise ValueError(f"device: expected a device name such as 'cpu' or 'cuda:0', got {device!r}")
+        if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
+            raise ValueError(f"labels: expected a list of non-empty names such as ['download'], got {labels!r}")
         self.task_id: str = task_id or uuid.uuid4().hex
         self.estimate_memory: int = parse_bytes(estimate_memory, "estimate_memory")
         self.estimate_cuda_memory: int = parse_bytes(estimate_cuda_memory, "estimate_cuda_memory")
         self.cpus: int = cpus
         self.device: str | None = device
+        # what the supervisor's ``limits`` cap: at most N tasks holding a label loaded or training at once
+        self.labels: tuple[str, ...] = tuple(dict.fromkeys(labels))
         self.status: TaskStatus = TaskStatus.INIT
         # Set in the task's process before each train()/evaluate() of a federated run.
         self.global_state: dict[str, Any] | None = None

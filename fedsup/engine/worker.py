@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from fedsup.engine import spans
 from fedsup.engine.containment import (
     become_subreaper,
     child_pids,
@@ -234,20 +235,26 @@ class Meter:
         cuda = _cuda()
         if cuda is not None:
             cuda.reset_peak_memory_stats()
+        spans.begin_phase()
         self.started = time.time()
         self._t0 = time.perf_counter()
         self._cpu0 = _cpu_seconds()
 
     def record(self) -> PhaseRecord:
+        duration = time.perf_counter() - self._t0
+        cpu_time = _cpu_seconds() - self._cpu0
+        finished, host_seen, reserved_seen = spans.end_phase()  # what the spans' resets cleared counts too
         cuda = _cuda()
+        peak = _peak_rss()
         return PhaseRecord(
             phase=self.phase,
             device=self.device,
             started=self.started,
-            duration=time.perf_counter() - self._t0,
-            cpu_time=_cpu_seconds() - self._cpu0,
-            peak_memory=_peak_rss(),
-            peak_gpu_memory=int(cuda.max_memory_reserved()) if cuda is not None else None,
+            duration=duration,
+            cpu_time=cpu_time,
+            peak_memory=None if peak is None else max(peak, host_seen),
+            peak_gpu_memory=max(int(cuda.max_memory_reserved()), reserved_seen) if cuda is not None else None,
+            spans=finished,
         )
 
 

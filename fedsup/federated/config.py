@@ -159,6 +159,8 @@ class TaskConfig(_Section):
     estimate_memory: Size = 0
     estimate_cuda_memory: Size = 0
     cpus: int = Field(default=1, ge=1)
+    labels: list[str] = Field(default_factory=list, description="names that supervisor.limits can cap, "
+                              "e.g. ['download']")
 
     @field_validator("class_")
     @classmethod
@@ -391,6 +393,9 @@ class SupervisorConfig(_Section):
     backend: str = Field(default="local", description="'local': this machine; 'ray': every node of a Ray cluster")
     ray_address: str = Field(default="auto", description="backend ray: the cluster; 'auto': the running one, "
                              "else a local Ray started for the run")
+    limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="label -> at most this many clients holding it (task.labels) loaded or "
+        "training at once")
 
     @field_validator("backend")
     @classmethod
@@ -466,8 +471,15 @@ class RunConfig(_Section):
     def _defaults_and_faults(self) -> RunConfig:
         if not self.output:
             self.output = f"runs/{self.name}"
-        raise_problems(_hang_problems(self))
+        raise_problems(_hang_problems(self) + _limit_problems(self))
         return self
+
+
+def _limit_problems(config: RunConfig) -> list[Problem]:
+    labels = config.task.labels
+    return [(("supervisor", "limits", name), f"is not one of task.labels ({', '.join(labels) or 'none given'}); "
+             "a limit caps the clients holding that label", name)
+            for name in config.supervisor.limits if name not in labels]
 
 
 def _hang_problems(config: RunConfig) -> list[Problem]:
@@ -589,6 +601,7 @@ def supervisor_kwargs(config: RunConfig) -> dict[str, Any]:
         "train_timeout": sup.timeouts.train,
         "backend": sup.backend,
         "ray_address": sup.ray_address,
+        "limits": dict(sup.limits) or None,
         "faults": None if faults is None else FaultPlan(
             probability=faults.probability, seed=faults.seed, kinds=tuple(faults.kinds),
             phases=tuple(faults.phases), max_per_task=faults.max_per_task,

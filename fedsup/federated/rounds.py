@@ -254,6 +254,8 @@ class Federation:
                 setattr(client, name, parse_bytes(options[name], f"task.{name}"))
         if options.get("cpus") is not None:
             client.cpus = options["cpus"]
+        if options.get("labels"):
+            client.labels = tuple(dict.fromkeys([*client.labels, *options["labels"]]))
         return client
 
     @property

@@ -44,7 +44,7 @@ def build_spec(config: RunConfig, output: str | os.PathLike[str] | None = None) 
         keep_last=config.checkpoints.keep_last,
         checkpoint_every=config.checkpoints.every,
         task_options={"estimate_memory": task.estimate_memory, "estimate_cuda_memory": task.estimate_cuda_memory,
-                      "cpus": task.cpus},
+                      "cpus": task.cpus, "labels": task.labels},
         supervisor=supervisor_kwargs(config),
         config=yaml.safe_load(to_yaml(config)),
     )

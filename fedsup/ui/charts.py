@@ -17,6 +17,7 @@ from fedsup.engine.units import format_bytes
 from fedsup.ui.digest import (
     Attempt,
     Digest,
+    Mark,
     RunData,
     Span,
     TaskView,
@@ -29,6 +30,7 @@ from fedsup.ui.digest import (
 
 MAX_BARS = 40_000      # timeline bars; beyond this, phases a few pixels apart are merged (page size)
 MAX_TITLE_PHASES = 8
+MIN_MARK_PX = 4        # a measured span narrower than this is left out of its bar
 ALL_MEMORY_BARS = 30   # up to this many tasks the memory chart has a bar for each
 TOP_MEMORY_BARS = 15   # beyond, a bar for each of the largest, and histograms of all
 
@@ -220,7 +222,8 @@ def coarsen(attempts: list[Attempt], scale: Scale) -> tuple[list[Attempt], float
     seconds_per_px = (scale.hi - scale.lo) / (scale.x1 - scale.x0)
     px, merged = 1.0, attempts
     while True:  # merging what is already merged with a wider gap is the same as merging the originals with it
-        merged = [replace(a, spans=_merge_spans(a.spans, px * seconds_per_px)) for a in merged]
+        # merged bars have lost their phases' own extent: the spans inside them are left out too
+        merged = [replace(a, spans=_merge_spans(a.spans, px * seconds_per_px), marks=[]) for a in merged]
         if sum(len(a.spans) for a in merged) <= MAX_BARS or px >= scale.x1 - scale.x0:
             return merged, px
         px *= 2
@@ -258,6 +261,7 @@ def _attempt(attempt: Attempt, y: float, row_h: float, scale: Scale, origin: flo
         parts.append(line(scale(attempt.start - origin), y + bar_h / 2, scale(attempt.end - origin), y + bar_h / 2,
                           "wait"))
     parts.extend(_bars(attempt.spans, y, bar_h, scale, origin))
+    parts.extend(_marks(attempt.marks, y, bar_h, scale, origin))
     parts.extend(_cut_mark(scale(s.end - origin), y, bar_h) for s in attempt.spans if s.cut)
     if attempt.failed_at is not None:
         parts.append(_cross(scale(attempt.failed_at - origin), y + bar_h / 2, min(bar_h, 10.0)))
@@ -277,6 +281,27 @@ def _bars(spans: list[Span], y: float, bar_h: float, scale: Scale, origin: float
                + (" cut" if span.cut else ""))
         shapes.setdefault(cls, []).append(f"M{num(x0)} {num(y)}h{num(width)}v{num(bar_h)}h{num(-width)}z")
     return [f'<path class="{cls}" d="{"".join(d)}"/>' for cls, d in shapes.items()]
+
+
+def _marks(marks: list[Mark], y: float, bar_h: float, scale: Scale, origin: float) -> list[str]:
+    """The measured spans inside the bars, where they are wide and tall enough to see: a band along the
+    bar's bottom per span, nested ones thinner, each titled with its name and duration."""
+    band = bar_h / 4
+    if band < 2:
+        return []
+    out = []
+    for mark in marks:
+        x0 = scale(mark.start - origin)
+        width = scale(mark.end - origin) - x0
+        height = band / (1 + mark.depth)
+        if width < MIN_MARK_PX or height < 1:
+            continue
+        cls = "span" + (" failed" if mark.failed else "")
+        title = f"{mark.name}: {fmt_seconds(mark.end - mark.start)}" + (" (failed)" if mark.failed else "")
+        top = y + bar_h - band * (mark.depth + 1) / (1 + mark.depth)
+        out.append(f'<g class="{cls}" data-span="{esc(mark.name)}"><title>{esc(title)}</title>'
+                   + rect(x0, top, width, height, "#1f2933", ' class="span-band"') + "</g>")
+    return out
 
 
 def _cut_mark(x: float, y: float, bar_h: float) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fedsup.engine.errors import ConfigError
-from fedsup.engine.records import AttemptRecord, PhaseRecord, TaskRecord
+from fedsup.engine.records import AttemptRecord, PhaseRecord, SpanRecord, TaskRecord
 from fedsup.engine.rundir import LockState, lock_state
 from fedsup.engine.units import format_bytes
 
@@ -262,6 +262,25 @@ class Span:
 
 
 @dataclass
+class Mark:
+    """A measured span (``fedsup.span``) inside a phase, as the timeline draws it: nested ones one level down."""
+
+    name: str
+    start: float
+    end: float
+    depth: int
+    failed: bool = False
+
+
+def marks_of(spans: list[SpanRecord], depth: int = 0) -> list[Mark]:
+    out: list[Mark] = []
+    for span in spans:
+        out.append(Mark(span.name, span.started, span.started + span.duration, depth, span.failed))
+        out.extend(marks_of(span.children, depth + 1))
+    return out
+
+
+@dataclass
 class Attempt:
     """One process's go at a task, as the timeline draws it."""
 
@@ -274,6 +293,7 @@ class Attempt:
     kind: str | None = None     # the error kind of a failed attempt
     error: str | None = None
     failed_at: float | None = None
+    marks: list[Mark] = field(default_factory=list)   # the measured spans inside its phases (fedsup.span)
 
     @property
     def start(self) -> float:
@@ -357,6 +377,7 @@ def _attempts_from_record(record: TaskRecord) -> list[Attempt]:
         for phase in _phases(entry):
             kind = phase.phase if phase.phase in ("load", "evaluate") else "train"
             attempt.spans.append(Span(kind, phase.started, phase.started + phase.duration))
+            attempt.marks.extend(marks_of(phase.spans))
         if entry.status.value in ATTEMPT_FAILED:
             attempt.failed_at = entry.ended or (attempt.spans[-1].end if attempt.spans else entry.started)
             if attempt.spans:
@@ -386,6 +407,7 @@ def _refine(attempt: Attempt, record: TaskRecord | None) -> None:
         return
     attempt.device = attempt.device or entry.device
     attempt.node = attempt.node or entry.node
+    attempt.marks = [m for phase in _phases(entry) for m in marks_of(phase.spans)]
     _note_error(attempt, entry.error)
     if getattr(entry, "evaluate", None) is not None and entry.train is None:
         for span in attempt.spans:  # the log says TRAINING for every method; the record says which ran
@@ -447,6 +469,7 @@ class TaskView:
     reason: str | None
     failures: list[Attempt]
     error: dict[str, Any] | None = None   # the last attempt's error: kind, type, message
+    spans: list[SpanRecord] = field(default_factory=list)   # the last attempt's top-level spans
 
 
 def build_tasks(run: RunData, attempts: list[Attempt]) -> list[TaskView]:
@@ -477,6 +500,7 @@ def _task_view(task: str, record: TaskRecord | None, events: list[dict[str, Any]
         reason=_reason(events, record),
         failures=[a for a in attempts if a.failed],
         error=_last_error(record, attempts),
+        spans=record.spans if record else [],
     )
 
 
@@ -672,10 +696,11 @@ def json_summary(run: RunData) -> dict[str, Any]:
                   "cancelled": d.count("CANCELLED"), "unfinished": d.count("UNFINISHED"), "retried": d.retried},
         "attempts": d.attempt_total,
         "final_metrics": d.final_metrics,
-        "slowest": [{"task": t.task, "duration": t.duration} for t in slowest(d.tasks)],
+        "slowest": [{"task": t.task, "duration": t.duration, "spans": [s.model_dump() for s in t.spans]}
+                    for t in slowest(d.tasks)],
         "running_pid": run.lock.pid if run.lock.held else None,
         "failures": [{"task": t.task, "status": t.status, "attempts": t.attempts, "reason": t.reason,
-                      "error": t.error}
+                      "error": t.error, "spans": [s.model_dump() for s in t.spans]}
                      for t in d.tasks if t.status in ("FAILED", "CANCELLED")],
         "heterogeneity": heterogeneity(run),
         "kept_state": kept_state(run),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from string import Template
 
+from fedsup.engine.records import SpanRecord
 from fedsup.engine.rundir import write_atomic
 from fedsup.engine.units import format_bytes
 from fedsup.ui.charts import (
@@ -110,8 +112,38 @@ def render_slowest(tasks: list[TaskView]) -> str:
         f'<td class="num">{fmt_seconds(t.duration)}</td>'
         f'<td class="num">{fmt_seconds(t.cpu_time)}</td><td class="num">{format_bytes(t.peak_memory)}</td></tr>'
         for t in slow)
-    return ('<table><thead><tr><th>task</th><th>outcome</th><th>attempts</th><th>duration</th><th>CPU time</th>'
-            f'<th>peak memory</th></tr></thead><tbody>{rows}</tbody></table>')
+    table = ('<table><thead><tr><th>task</th><th>outcome</th><th>attempts</th><th>duration</th><th>CPU time</th>'
+             f'<th>peak memory</th></tr></thead><tbody>{rows}</tbody></table>')
+    return table + render_span_breakdown(slow)
+
+
+def render_span_breakdown(tasks: list[TaskView]) -> str:
+    """Where the slowest tasks' time went, by their measured spans (fedsup.span), nested as they ran."""
+    measured = [t for t in tasks if t.spans]
+    if not measured:
+        return ""
+    parts = ['<h3>Spans of the slowest tasks</h3><table class="spans"><thead><tr><th>task · span</th><th>data</th>'
+             '<th>duration</th><th>share</th><th>CPU time</th><th>peak memory</th><th>peak GPU memory</th>'
+             "</tr></thead><tbody>"]
+    for task in measured:
+        for span, depth in _walk(task.spans):
+            share = f"{100 * span.duration / task.duration:.0f} %" if task.duration else "-"
+            data = ", ".join(f"{k}={fmt_value(v)}" for k, v in span.data.items())
+            failed = ' <span class="pill FAILED">failed</span>' if span.failed else ""
+            parts.append(
+                f'<tr data-task="{esc(task.task)}" data-span="{esc(span.name)}"><td class="task" '
+                f'style="padding-left:{0.5 + 1.2 * depth:.1f}em">{esc(task.task) + " · " if depth == 0 else ""}'
+                f"{esc(span.name)}{failed}</td><td>{esc(data)}</td><td class='num'>{fmt_seconds(span.duration)}</td>"
+                f'<td class="num">{share}</td><td class="num">{fmt_seconds(span.cpu_time)}</td>'
+                f'<td class="num">{format_bytes(span.peak_memory)}</td>'
+                f'<td class="num">{format_bytes(span.peak_gpu_memory)}</td></tr>')
+    return "".join(parts) + "</tbody></table>"
+
+
+def _walk(spans: list[SpanRecord], depth: int = 0) -> Iterator[tuple[SpanRecord, int]]:
+    for span in spans:
+        yield span, depth
+        yield from _walk(span.children, depth + 1)
 
 
 # ---------------------------------------------------------------- the page

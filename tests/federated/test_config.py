@@ -475,3 +475,13 @@ def test_a_large_legal_file_is_read_in_one_parse(tmp_path: Path) -> None:
     finally:
         monkey.undo()
     assert len(data["task"]["args"]["weights"]) == 170_000 and calls == [1]
+
+
+def test_task_labels_and_supervisor_limits_reach_the_clients_and_the_supervisor() -> None:
+    data = changed("supervisor.limits", {"download": 2}, base=changed("task.labels", ["download"]))
+    config = load_config(data)
+    assert supervisor_kwargs(config)["limits"] == {"download": 2}
+    assert fedsup.Supervisor(**supervisor_kwargs(config)).policy.limits == {"download": 2}
+    problems = problems_of(changed("supervisor.limits", {"downlaod": 2}, base=changed("task.labels", ["download"])))
+    assert "supervisor.limits.downlaod" in str(problems) and "is not one of task.labels (download)" in str(problems)
+    assert "supervisor.limits.x: must be at least 1 (got 0)" in str(problems_of(changed("supervisor.limits", {"x": 0})))

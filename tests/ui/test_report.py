@@ -138,7 +138,7 @@ def test_engine_run_summaries(engine_run: Path) -> None:
     assert summary["failures"] == [{"task": "broken", "status": "FAILED", "attempts": 2,
                                   "reason": "failed 2 times (max_retries=1)",
                                   "error": {"kind": "exception", "type": "ValueError",
-                                            "message": "always <broken> & never fixed"}}]
+                                            "message": "always <broken> & never fixed"}, "spans": []}]
     assert {"rounds.jsonl", "summary.json", "config.yaml"} <= set(summary["missing"])
     assert json.loads(json.dumps(summary)) == summary
     text = digest.text_summary(run)
