@@ -199,3 +199,26 @@ class TalkingClient(KnownClient):
         if self.client_id == self.talker:
             print(f"client {self.client_id} trains in round {self.round}", flush=True)
         return super().train(device)
+
+
+class StragglingClient(SyntheticClient):
+    """A synthetic client that, on the first attempt of client ``slow_client``'s job in round ``slow_round``,
+    trains ``delay`` seconds longer (its workload): a straggler whose speculative copy is not slow."""
+
+    def __init__(self, client_id: int, marker_dir: str = "", slow_client: int = 0, slow_round: int = 1,
+                 delay: float = 0.0, **args: Any) -> None:
+        super().__init__(client_id, **args)
+        self.marker_dir, self.slow_client, self.slow_round, self.delay = marker_dir, slow_client, slow_round, delay
+
+    def train(self, device: str) -> dict[str, Any]:
+        marker = os.path.join(self.marker_dir, f"slow-{self.round}-{self.client_id}")
+        if self.client_id == self.slow_client and self.round == self.slow_round and self.delay:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                import time
+
+                time.sleep(self.delay)  # stands for slow work: the copy started meanwhile does not sleep
+            except FileExistsError:
+                pass
+        return super().train(device)
+

@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"engine", "cluster", "federated"},  # fedsup/__init__.py (it registers the ray backend) and the
     # compatibility modules
     "entry": {"ui"},  # fedsup/__main__.py
+    "compat": {"engine", "compat"},  # other tools' APIs (fedflow's) on the engine
 }
 LAYERS = ("engine", "cluster", "federated", "ui", "examples")
 TOP_LEVEL = {"__init__", "aggregation", "partition", "config", "algorithms"}

@@ -122,6 +122,22 @@ class Spanned(fedsup.Task):
         return seen
 
 
+class Straggler(fedsup.Task):
+    """Trains for ``first`` seconds on its first attempt and ``later`` seconds on any other (its workload):
+    a straggler whose speculative copy, a second attempt, is fast, or (``later`` > ``first``) slow."""
+
+    def __init__(self, task_id: str, marker_dir: str, first: float, later: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(task_id, **kwargs)
+        self.marker_dir, self.first, self.later = marker_dir, first, later
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        time.sleep(self.first if first_time(self.marker_dir, self.task_id) else self.later)
+        return {**_base(self, device), "value": len(self.task_id)}
+
+
 class Timed(fedsup.Task):
     """Trains for ``seconds`` (its workload, not a synchronisation) and reports when it started and ended."""
 

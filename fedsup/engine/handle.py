@@ -58,6 +58,17 @@ class TaskHandle:
         self.reason: str | None = None        # why the task ended FAILED or CANCELLED
         self.stderr_offset = 0
         self.history: list[AttemptRecord] = []
+        self._current: AttemptRecord | None = None
+        self.numbered = 0           # attempt numbers given out, a speculative copy's included
+        # speculative execution: a straggler's copy (its ``primary`` is the original handle), and the
+        # original's ``rival`` while both run; the copy works in a folder of its own
+        self.primary: TaskHandle | None = None
+        self.rival: TaskHandle | None = None
+        self.folder = self.key
+        self.batch = 0              # the submit() it came in: a federated round, or a whole plain run
+        self.train_began: float | None = None   # runtime clock, when TRAIN was sent
+        self.idempotent = bool(task.idempotent) if task.idempotent is not None else federated
+        self.speculated = False     # a copy was started for it once: never a second
         self.result: Any = None
         self.error: ErrorInfo | None = None
         self.started: float | None = None
@@ -68,8 +79,14 @@ class TaskHandle:
         return self.id
 
     @property
+    def slot(self) -> str:
+        """Its name in the device ledger: a speculative copy holds a reservation beside its original's."""
+        return self.id if self.primary is None else f"{self.id}~copy"
+
+    @property
     def attempt(self) -> AttemptRecord | None:
-        return self.history[-1] if self.history else None
+        """The attempt under way, or the last one (a speculative copy's attempts are in ``history`` too)."""
+        return self._current
 
     @property
     def live(self) -> bool:
@@ -89,9 +106,32 @@ class TaskHandle:
         now = time.time()
         if self.started is None:
             self.started = now
-        record = AttemptRecord(attempt=len(self.history) + 1, pid=pid, status=TaskStatus.AVAILABLE, started=now)
+        self.numbered += 1
+        record = AttemptRecord(attempt=self.numbered, pid=pid, status=TaskStatus.AVAILABLE, started=now)
         self.history.append(record)
+        self._current = record
         return record
+
+    def spawn_copy(self, listener: Listener, batch: int) -> TaskHandle:
+        """A speculative copy of this training straggler: the same job, under the next attempt number."""
+        copy = TaskHandle(self.task, self.index, listener, task_id=self.id, method=self.method,
+                          context=self.context, state_path=self.state_path, seed=self.seed,
+                          federated=self.federated, client_state_path=self.client_state_path)
+        copy.primary, self.rival = self, copy
+        self.speculated = True
+        copy.numbered = self.numbered
+        self.numbered += 1
+        copy.folder = f"{self.key}.speculative"
+        copy.batch = batch
+        copy.estimate_cuda, copy.estimate_host = self.estimate_cuda, self.estimate_host
+        return copy
+
+    def take_attempt(self, record: AttemptRecord, current: bool = False) -> None:
+        """Add a copy's attempt to this task's history, in attempt order; ``current``: it is the one that won."""
+        self.history.append(record)
+        self.history.sort(key=lambda a: a.attempt)
+        if current:
+            self._current = record
 
     def note_phase(self, record: PhaseRecord) -> None:
         attempt = self.attempt
@@ -111,7 +151,7 @@ class TaskHandle:
 
     def to_record(self) -> TaskRecord:
         phases = [p for a in self.history for p in (a.load, a.train, a.evaluate, a.initial_state) if p is not None]
-        last = self.attempt
+        last = self.attempt  # for a finished task, the attempt that finished (a speculative copy may have lost)
         peaks = [p.peak_memory for p in phases if p.peak_memory is not None]
         gpu_peaks = [p.peak_gpu_memory for p in phases if p.peak_gpu_memory is not None]
         return TaskRecord(

@@ -28,6 +28,7 @@ ErrorKind = Literal[
     "bad_result",   # train() or evaluate() returned something the run cannot use: a bug, never retried
     "cancelled",    # the run stopped first
     "node_lost",    # the cluster node running it went away (Ray backend): its own budget, not max_retries
+    "superseded",   # a straggler's race with its speculative copy: this one lost and was ended
 ]
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import statistics
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Policy:
     reuse_below: float | None = None  # only after a task that took less (s): where a fresh process costs most
     # label -> at most this many tasks holding it loaded or training at once (Task.labels)
     limits: dict[str, int] = field(default_factory=dict)
+    # a copy of an idempotent task training longer than this many times the median train time of its batch
+    speculative_after: float | None = None
 
 
 @dataclass
@@ -119,6 +122,9 @@ class Scheduler:
         self.stop_deadline: float | None = None
         self._seq = itertools.count()
         self.main_pid = os.getpid()
+        self._batches = itertools.count(1)
+        self.train_times: dict[int, list[float]] = {}           # per batch: finished train phases (s)
+        self._medians: dict[int, tuple[int, float]] = {}
 
     # ------------------------------------------------------------ submitting
 
@@ -127,6 +133,10 @@ class Scheduler:
         # Earlier batches' handles that reached their outcome are done with: kept, a session of many batches
         # (a federated run's rounds) would hold every job it ever ran and check each new id against them all.
         self.handles = [h for h in self.handles if h.status not in OUTCOMES]
+        batch = next(self._batches)
+        live = {h.batch for h in self.handles} | {batch}
+        self.train_times = {b: t for b, t in self.train_times.items() if b in live}
+        self._medians = {b: m for b, m in self._medians.items() if b in live}
         seen = {h.task_id for h in self.handles}
         for job in jobs:
             if not isinstance(job.task, Task):
@@ -142,6 +152,7 @@ class Scheduler:
                                 method=job.method, context=job.context, state_path=job.state_path, seed=job.seed,
                                 federated=job.federated, one_off=job.one_off,
                                 client_state_path=job.client_state_path)
+            handle.batch = batch
             self.handles.append(handle)
             handles.append(handle)
             self.outstanding += 1
@@ -188,6 +199,7 @@ class Scheduler:
     def step(self) -> None:
         self.admit()
         self.dispatch()
+        self._speculate()
         events = self.runtime.wait(list(self.procs), self.next_timeout())
         for event in events:
             self.handle_event(event)
@@ -216,6 +228,7 @@ class Scheduler:
         if self.stop_deadline is not None:
             times.append(self.stop_deadline)
         times.extend(when for when, _ in self.exit_deadlines.values())
+        times.extend(t for t in self._speculation_times() if t > now)
         return max(0.0, min(times) - now) if times else None
 
     # ------------------------------------------------------------ starting and placing
@@ -329,7 +342,7 @@ class Scheduler:
         task = handle.task
         workdir = stdout = stderr = None
         if self.run_dir is not None:
-            directory = self.run_dir.task_dir(handle.key)
+            directory = self.run_dir.task_dir(handle.folder)
             directory.mkdir(parents=True, exist_ok=True)
             workdir, stdout, stderr = str(directory), str(directory / "stdout.log"), str(directory / "stderr.log")
             handle.stderr_offset = (directory / "stderr.log").stat().st_size if os.path.exists(stderr) else 0
@@ -385,7 +398,7 @@ class Scheduler:
         for handle in list(self.waiting):
             if self.policy.max_training is not None and self.training >= self.policy.max_training:
                 return
-            device = self.inventory.place(handle.task_id, handle.estimate_cuda, handle.task.cpus,
+            device = self.inventory.place(handle.slot, handle.estimate_cuda, handle.task.cpus,
                                           self._candidates(handle), handle.resident)
             if device is None:
                 continue
@@ -409,7 +422,8 @@ class Scheduler:
             handle.attempt.device = device.name
         self.training += 1
         if device.is_gpu and handle.child.pid is not None:
-            device.pids[handle.task_id] = handle.child.pid
+            device.pids[handle.slot] = handle.child.pid
+        handle.train_began = self.runtime.now()
         fault = self._fault(handle, handle.method)
         self._set_deadline(handle, handle.method, self.policy.train_timeout)
         visible = str(device.index) if device.is_gpu else None
@@ -422,8 +436,8 @@ class Scheduler:
         handle.transition(S.TRAINING, device=device.name, fault=fault)
 
     def _fault(self, handle: TaskHandle, phase: str) -> Any:
-        if self.policy.faults is None:
-            return None
+        if self.policy.faults is None or handle.primary is not None:
+            return None  # a speculative copy races its original as the task is: no injected fault
         fault = self.policy.faults.pick(handle.task_id, len(handle.history), phase,  # type: ignore[arg-type]
                                         handle.faults_injected)
         if fault is not None:
@@ -438,7 +452,7 @@ class Scheduler:
         if handle.device is not None:
             if handle.device.is_gpu:
                 handle.resident = handle.device.name
-            self.inventory.release(handle.task_id, handle.device, handle.task.cpus)
+            self.inventory.release(handle.slot, handle.device, handle.task.cpus)
             handle.device = None
             self.training -= 1
         handle.deadline = None
@@ -505,9 +519,16 @@ class Scheduler:
                     self.waiting.append(handle)
             else:
                 self._release(handle)
+                if message.phase == "train":
+                    self.train_times.setdefault(handle.batch, []).append(message.record.duration)
+                if handle.primary is not None:
+                    self._copy_won(handle, message)
+                    return
                 handle.result = message.result
                 handle.error = None
                 handle.end_attempt(S.FINISHED)
+                if handle.rival is not None:
+                    self._end_copy(handle.rival, "its original finished first")
                 handle.transition(S.FINISHED, device=message.record.device)
                 self._park(handle)
         elif isinstance(message, PhaseFailed):
@@ -602,6 +623,11 @@ class Scheduler:
                       infrastructure: int | None = None) -> None:
         """``infrastructure``: the attempt was lost with its fork server (the how-manyth such death of the
         run): the run's infrastructure budget is spent, not the task's."""
+        if handle.primary is not None:
+            self._copy_failed(handle, status, error)
+            return
+        if handle.rival is not None:
+            self._end_copy(handle.rival, "its original failed")
         handle.error = error
         handle.end_attempt(status, error)
         handle.transition(status, kind=error.kind, error=error.summary(), infrastructure=infrastructure)
@@ -616,7 +642,7 @@ class Scheduler:
             handle.reason = verdict
             handle.transition(S.FAILED, reason=verdict)
         else:
-            handle.transition(S.INIT, retry=len(handle.history) + 1, estimate_cuda_memory=handle.estimate_cuda,
+            handle.transition(S.INIT, retry=handle.numbered + 1, estimate_cuda_memory=handle.estimate_cuda,
                               infrastructure=infrastructure)
             if handle.not_before > self.runtime.now():
                 heapq.heappush(self.delayed, (handle.not_before, next(self._seq), handle))
@@ -676,6 +702,10 @@ class Scheduler:
         handle.end_attempt(S.CANCELLED, handle.error)
         handle.reason = reason
         handle.transition(S.CANCELLED, reason=reason)
+        primary = handle.primary
+        if primary is not None and primary.rival is handle and handle.attempt is not None:
+            primary.rival = None
+            primary.take_attempt(handle.attempt)
 
     def _on_transition(self, handle: TaskHandle, old: TaskStatus, new: TaskStatus, info: dict[str, Any]) -> None:
         self.outstanding += (old in OUTCOMES) - (new in OUTCOMES)
@@ -684,10 +714,129 @@ class Scheduler:
                 # the record first: an event that says FINISHED always has its record, so a run killed
                 # between the two never runs that task again on --resume
                 self.run_dir.write_record(handle.to_record())
-            child = handle.child
-            self.run_dir.event(task=handle.task_id, attempt=len(handle.history), status=new.value, previous=old.value,
-                               pid=child.pid if child is not None else None,
-                               **{k: v for k, v in info.items() if v is not None})
+            self._event(handle, new.value, old.value, **info)
+
+    def _event(self, handle: TaskHandle, status: str, previous: str, **info: Any) -> None:
+        if self.run_dir is None:
+            return
+        child = handle.child
+        attempt = handle.attempt.attempt if handle.attempt is not None else 0
+        self.run_dir.event(task=handle.task_id, attempt=attempt, status=status, previous=previous,
+                           pid=child.pid if child is not None else None,
+                           **{k: v for k, v in info.items() if v is not None})
+
+    def _on_copy_transition(self, handle: TaskHandle, old: TaskStatus, new: TaskStatus,
+                            info: dict[str, Any]) -> None:
+        """A speculative copy's steps go to the event log under its own attempt number; the task's outcome and
+        record stay its original's."""
+        self._event(handle, new.value, old.value, speculative=True, **info)
+
+    # ------------------------------------------------------------ speculative copies of stragglers
+
+    def _median_train(self, batch: int) -> float | None:
+        times = self.train_times.get(batch)
+        if not times:
+            return None
+        cached = self._medians.get(batch)
+        if cached is None or cached[0] != len(times):
+            cached = self._medians[batch] = (len(times), statistics.median(times))
+        return cached[1]
+
+    def _straggler_due(self, handle: TaskHandle | None) -> float | None:
+        """When this task, training, becomes a straggler worth a copy; None if it never may."""
+        after = self.policy.speculative_after
+        if (after is None or handle is None or handle.primary is not None or handle.speculated
+                or not handle.idempotent or handle.status is not S.TRAINING or handle.method != "train"
+                or handle.train_began is None):
+            return None
+        median = self._median_train(handle.batch)
+        return None if median is None else handle.train_began + after * median
+
+    def _speculation_times(self) -> list[float]:
+        if self.policy.speculative_after is None or self.stop_signal is not None or self.ready or self.waiting:
+            return []
+        due = (self._straggler_due(h) for h in self.procs.values())
+        return [t for t in due if t is not None]
+
+    def _speculate(self) -> None:
+        """Start a copy of each straggler, on a slot nothing queued wants (none is taken from real work)."""
+        if self.policy.speculative_after is None or self.stop_signal is not None or self.ready or self.waiting:
+            return
+        now = self.runtime.now()
+        for handle in list(self.procs.values()):
+            due = self._straggler_due(handle)
+            if handle is None or due is None or due > now:
+                continue
+            if not self._room_for_copy(handle):
+                return
+            copy = handle.spawn_copy(self._on_copy_transition, handle.batch)
+            log.info("task %s has trained %.1f s, past %g x its batch's median: a speculative copy starts",
+                     handle.task_id, now - (handle.train_began or now), self.policy.speculative_after)
+            self.start(copy)
+
+    def _room_for_copy(self, handle: TaskHandle) -> bool:
+        cpu, policy = self.inventory.cpu, self.policy
+        return (len(self.procs) < policy.max_loaded and self.runtime.can_spawn(False)
+                and cpu.used_cores + handle.task.cpus <= cpu.cores
+                and (policy.max_training is None or self.training < policy.max_training)
+                and (self.host_memory is None or self.host_reserved + handle.estimate_host <= self.host_memory))
+
+    def _stop_process(self, handle: TaskHandle) -> None:
+        """End a racer's process at once: its work is not needed. Its exit is still awaited and reaped."""
+        self._release(handle)
+        if handle in self.waiting:
+            self.waiting.remove(handle)
+        child = handle.child
+        if child is not None:
+            self.procs[child] = None
+            handle.child = None
+            self.runtime.kill(child, signal.SIGKILL)
+
+    def _end_copy(self, copy: TaskHandle, why: str) -> None:
+        """The copy lost (or its original failed): ended, its attempt kept in the task's history."""
+        primary = copy.primary
+        assert primary is not None
+        self._stop_process(copy)
+        error = ErrorInfo(kind="superseded", type="Superseded", message=f"speculative copy ended: {why}")
+        copy.end_attempt(S.CANCELLED, error)
+        copy.transition(S.CANCELLED, reason=why)
+        primary.rival = None
+        if copy.attempt is not None:
+            primary.take_attempt(copy.attempt)
+
+    def _copy_won(self, copy: TaskHandle, message: PhaseDone) -> None:
+        """The copy finished first: its result is the task's, its process the task's from now on (parked for
+        the client's next round), and the original is ended."""
+        primary = copy.primary
+        assert primary is not None and copy.attempt is not None
+        copy.end_attempt(S.FINISHED)
+        copy.transition(S.FINISHED, device=message.record.device)
+        self._stop_process(primary)
+        why = "its speculative copy finished first"
+        primary.end_attempt(S.CANCELLED, ErrorInfo(kind="superseded", type="Superseded", message=why))
+        self._event(primary, S.CANCELLED.value, S.TRAINING.value, reason=why, superseded=True)
+        primary.rival = None
+        primary.take_attempt(copy.attempt, current=True)
+        primary.result, primary.error = message.result, None
+        primary.resident = copy.resident
+        child, copy.child = copy.child, None
+        if child is not None:
+            primary.child = child
+            self.procs[child] = primary
+        primary.transition(S.FINISHED, device=message.record.device, speculative=True)
+        self._park(primary)
+
+    def _copy_failed(self, copy: TaskHandle, status: TaskStatus, error: ErrorInfo) -> None:
+        """A copy that failed costs its original nothing: the original goes on, the attempt is kept."""
+        primary = copy.primary
+        assert primary is not None
+        copy.error = error
+        copy.end_attempt(status, error)
+        copy.transition(status, kind=error.kind, error=error.summary())
+        self._detach(copy)
+        if primary.rival is copy and copy.attempt is not None:
+            primary.rival = None
+            primary.take_attempt(copy.attempt)
 
     # ------------------------------------------------------------ deadlines and shutdown
 

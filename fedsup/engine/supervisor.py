@@ -92,6 +92,7 @@ class Supervisor:
         backend: str = "local",
         ray_address: str = "auto",
         limits: dict[str, int] | None = None,
+        speculative: dict[str, float] | None = None,
     ) -> None:
         # every option but the backend's, for a backend that runs a local supervisor on each of its nodes
         self.options = {k: v for k, v in locals().items() if k not in ("self", "backend", "ray_address")}
@@ -106,6 +107,7 @@ class Supervisor:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected a whole number >= 1 or None, got {value!r}")
         self.limits = _limits(limits)
+        after = _speculative_after(speculative)
         _positive("load_timeout", load_timeout)
         _positive("train_timeout", train_timeout)
         _positive("grace_period", grace_period, allow_none=False)
@@ -134,6 +136,7 @@ class Supervisor:
             keep_loaded=keep_loaded,
             enforce_memory=enforce_memory,
             limits=self.limits,
+            speculative_after=after,
             **process_reuse(tasks_per_process),
         )
         self.run_dir = run_dir
@@ -257,4 +260,16 @@ def check_labels(limits: dict[str, int], tasks: list[Task]) -> None:
     if tasks and unknown:
         raise ConfigError(f"limits: {', '.join(map(repr, unknown))} is held by no task (the tasks' labels: "
                           f"{', '.join(sorted(held)) or 'none'})")
+
+
+def _speculative_after(speculative: dict[str, float] | None) -> float | None:
+    if speculative is None:
+        return None
+    if not isinstance(speculative, dict) or set(speculative) != {"after"}:
+        raise ValueError(f"speculative: expected {{'after': 2.0}} (a copy of a task training longer than that many "
+                         f"times the median train time), got {speculative!r}")
+    after = speculative["after"]
+    if isinstance(after, bool) or not isinstance(after, (int, float)) or after <= 0:
+        raise ValueError(f"speculative.after: expected a number > 0, got {after!r}")
+    return float(after)
 

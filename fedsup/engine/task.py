@@ -28,6 +28,7 @@ class Task(abc.ABC):
     """
 
     labels: tuple[str, ...] = ()  # for subclasses that set up without Task.__init__
+    idempotent: bool | None = None
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class Task(abc.ABC):
         cpus: int = 1,
         device: str | None = None,
         labels: Sequence[str] = (),
+        idempotent: bool | None = None,
     ) -> None:
         if task_id is not None and (not isinstance(task_id, str) or not task_id):
             raise ValueError(f"task_id: expected a non-empty string, got {task_id!r}")
@@ -54,6 +56,9 @@ class Task(abc.ABC):
         self.device: str | None = device
         # what the supervisor's ``limits`` cap: at most N tasks holding a label loaded or training at once
         self.labels: tuple[str, ...] = tuple(dict.fromkeys(labels))
+        # may run twice at once with the same result (speculative copies of stragglers); None: the default,
+        # true for federated clients (their jobs are seeded), false otherwise
+        self.idempotent: bool | None = idempotent
         self.status: TaskStatus = TaskStatus.INIT
         # Set in the task's process before each train()/evaluate() of a federated run.
         self.global_state: dict[str, Any] | None = None

@@ -368,6 +368,13 @@ class TimeoutsConfig(_Section):
     train: Seconds | None = None
 
 
+class SpeculativeConfig(_Section):
+    """Speculative copies of stragglers: a second copy of a client's job once it has trained ``after`` times
+    the median train time of its round's finished jobs; the first to finish wins."""
+
+    after: float = Field(gt=0)
+
+
 class SupervisorConfig(_Section):
     """The engine's options; ``supervisor_kwargs`` turns them into ``fedsup.Supervisor`` arguments."""
 
@@ -393,6 +400,8 @@ class SupervisorConfig(_Section):
     backend: str = Field(default="local", description="'local': this machine; 'ray': every node of a Ray cluster")
     ray_address: str = Field(default="auto", description="backend ray: the cluster; 'auto': the running one, "
                              "else a local Ray started for the run")
+    speculative: SpeculativeConfig | None = Field(default=None, description="{after: 2.0}: a copy of a client "
+                                                  "training longer than 2x the round's median train time")
     limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="label -> at most this many clients holding it (task.labels) loaded or "
         "training at once")
@@ -602,6 +611,7 @@ def supervisor_kwargs(config: RunConfig) -> dict[str, Any]:
         "backend": sup.backend,
         "ray_address": sup.ray_address,
         "limits": dict(sup.limits) or None,
+        "speculative": None if sup.speculative is None else {"after": sup.speculative.after},
         "faults": None if faults is None else FaultPlan(
             probability=faults.probability, seed=faults.seed, kinds=tuple(faults.kinds),
             phases=tuple(faults.phases), max_per_task=faults.max_per_task,
