@@ -28,11 +28,13 @@ class TaskHandle:
     def __init__(self, task: Task, index: int, listener: Listener | None = None, *, task_id: str | None = None,
                  method: str = "train", context: dict[str, Any] | None = None, state_path: str | None = None,
                  seed: int | None = None, federated: bool = False, one_off: bool = False,
-                 client_state_path: str | None = None) -> None:
+                 client_state_path: str | None = None, run_dir: Any = None, namespace: str = "") -> None:
         self.task = task
         self.index = index
         self.id = task_id or task.task_id
-        self.key = task.task_id
+        self.namespace = namespace  # a sweep's run: its ids, parked processes and ledger slots are its own
+        self.run_dir = run_dir      # that run's RunDir, where the scheduler's own is not the one
+        self.key = f"{namespace}/{task.task_id}" if namespace else task.task_id
         self.method = method
         self.context = context or {}
         self.state_path = state_path
@@ -64,7 +66,7 @@ class TaskHandle:
         # original's ``rival`` while both run; the copy works in a folder of its own
         self.primary: TaskHandle | None = None
         self.rival: TaskHandle | None = None
-        self.folder = self.key
+        self.folder = task.task_id
         self.batch = 0              # the submit() it came in: a federated round, or a whole plain run
         self.train_began: float | None = None   # runtime clock, when TRAIN was sent
         self.idempotent = bool(task.idempotent) if task.idempotent is not None else federated
@@ -81,7 +83,8 @@ class TaskHandle:
     @property
     def slot(self) -> str:
         """Its name in the device ledger: a speculative copy holds a reservation beside its original's."""
-        return self.id if self.primary is None else f"{self.id}~copy"
+        name = f"{self.namespace}/{self.id}" if self.namespace else self.id
+        return name if self.primary is None else f"{name}~copy"
 
     @property
     def attempt(self) -> AttemptRecord | None:
@@ -116,12 +119,13 @@ class TaskHandle:
         """A speculative copy of this training straggler: the same job, under the next attempt number."""
         copy = TaskHandle(self.task, self.index, listener, task_id=self.id, method=self.method,
                           context=self.context, state_path=self.state_path, seed=self.seed,
-                          federated=self.federated, client_state_path=self.client_state_path)
+                          federated=self.federated, client_state_path=self.client_state_path,
+                          run_dir=self.run_dir, namespace=self.namespace)
         copy.primary, self.rival = self, copy
         self.speculated = True
         copy.numbered = self.numbered
         self.numbered += 1
-        copy.folder = f"{self.key}.speculative"
+        copy.folder = f"{self.folder}.speculative"
         copy.batch = batch
         copy.estimate_cuda, copy.estimate_host = self.estimate_cuda, self.estimate_host
         return copy

@@ -333,6 +333,7 @@ class RunDir:
             raise
         if torn:  # a killed writer left half a line: end it, so that it stays the only bad line
             self._events.write("\n")
+        self._writing = threading.Lock()
         self._group: str | None = None
         self._group_file: IO[str] | None = None
         self._group_records: dict[str, TaskRecord] | None = None  # the group's file as found, read on demand
@@ -358,12 +359,18 @@ class RunDir:
 
     def event(self, **fields: Any) -> None:
         fields = {"time": round(time.time(), 6), **fields}
-        self._events.write(json.dumps(fields, default=str) + "\n")
-        self._events.flush()
+        line = json.dumps(fields, default=str) + "\n"
+        with self._writing:  # a sweep's run writes from its thread, the scheduler from the main one
+            self._events.write(line)
+            self._events.flush()
 
     def write_record(self, record: TaskRecord) -> None:
         """Atomically (a whole file, or a whole line that a reader takes or leaves); durable at the next
         ``commit`` (a federated round's end, or the run's)."""
+        with self._writing:
+            self._write_record(record)
+
+    def _write_record(self, record: TaskRecord) -> None:
         if self._group is None:
             path = self.task_dir(record.task_id) / "record.json"
             write_atomic(path, (record.model_dump_json(indent=2) + "\n").encode(), durable=False)

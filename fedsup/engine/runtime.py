@@ -85,6 +85,10 @@ class ProcessRuntime:
         except OSError:
             pass
 
+    def nudge(self) -> None:
+        """From another thread: end the loop's wait with no event (new work was handed in)."""
+        self.wake(0)
+
     def spawn(self, spec: ChildSpec) -> Child:
         return self.launcher.spawn(spec)
 
@@ -127,7 +131,7 @@ class ProcessRuntime:
         ready = wait([*owners, *server, self.wake_r], 0 if events else timeout)
         for obj in ready:
             if obj == self.wake_r:
-                events.extend(Signalled(b) for b in os.read(self.wake_r, 64))
+                events.extend(Signalled(b) for b in os.read(self.wake_r, 64) if b)  # 0: a nudge
             elif obj in server:
                 for child, info in self.launcher.on_ready(obj):
                     events.extend(self._finish(child, info))

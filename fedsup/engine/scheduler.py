@@ -92,6 +92,10 @@ class Job:
     # for the task's next job, and the cold fork server may start it beyond its budget.
     one_off: bool = False
     client_state_path: str | None = None  # federated train: where the task's client_state is saved after it
+    # several runs on one scheduler (a sweep): the run's own directory, and a name that keeps its task ids and
+    # parked processes apart from the other runs'
+    run_dir: RunDir | None = None
+    namespace: str = ""
 
 
 class Scheduler:
@@ -137,21 +141,22 @@ class Scheduler:
         live = {h.batch for h in self.handles} | {batch}
         self.train_times = {b: t for b, t in self.train_times.items() if b in live}
         self._medians = {b: m for b, m in self._medians.items() if b in live}
-        seen = {h.task_id for h in self.handles}
+        seen = {(h.namespace, h.task_id) for h in self.handles}
         for job in jobs:
             if not isinstance(job.task, Task):
                 raise TypeError(f"tasks: expected fedsup.Task instances, got {type(job.task).__name__}")
             task_id = job.task_id or job.task.task_id
-            if task_id in seen:
+            if (job.namespace, task_id) in seen:
                 raise ValueError(f"task_id: {task_id!r} appears more than once; task ids must be unique")
-            seen.add(task_id)
+            seen.add((job.namespace, task_id))
             self.inventory.candidates(job.task.device)  # an unknown pin is an error now, not mid-run
         handles = []
         for job in jobs:
             handle = TaskHandle(job.task, len(self.handles), self._on_transition, task_id=job.task_id,
                                 method=job.method, context=job.context, state_path=job.state_path, seed=job.seed,
                                 federated=job.federated, one_off=job.one_off,
-                                client_state_path=job.client_state_path)
+                                client_state_path=job.client_state_path, run_dir=job.run_dir,
+                                namespace=job.namespace)
             handle.batch = batch
             self.handles.append(handle)
             handles.append(handle)
@@ -332,6 +337,13 @@ class Scheduler:
         self._tell_exit(child)
         return True
 
+    def let_go(self, namespace: str) -> None:
+        """A run of a sweep is over: its parked processes exit (no job of it will adopt them)."""
+        for key in [k for k in self.idle if k.startswith(f"{namespace}/")]:
+            child = self.idle.pop(key)
+            self.idle_resident.pop(child, None)
+            self._tell_exit(child)
+
     def _tell_exit(self, child: Child) -> None:
         """EXIT, with a deadline: a process that does not leave in the grace period is terminated, then killed."""
         self.runtime.send(child, Exit())
@@ -341,8 +353,9 @@ class Scheduler:
         """Where the task's process works and writes, and its limits."""
         task = handle.task
         workdir = stdout = stderr = None
-        if self.run_dir is not None:
-            directory = self.run_dir.task_dir(handle.folder)
+        run_dir = self._dir(handle)
+        if run_dir is not None:
+            directory = run_dir.task_dir(handle.folder)
             directory.mkdir(parents=True, exist_ok=True)
             workdir, stdout, stderr = str(directory), str(directory / "stdout.log"), str(directory / "stderr.log")
             handle.stderr_offset = (directory / "stderr.log").stat().st_size if os.path.exists(stderr) else 0
@@ -613,9 +626,10 @@ class Scheduler:
         return status, error
 
     def _stderr_tail(self, handle: TaskHandle) -> list[str]:
-        if self.run_dir is None:
+        run_dir = self._dir(handle)
+        if run_dir is None:
             return []
-        return tail_lines(self.run_dir.task_dir(handle.key) / "stderr.log", handle.stderr_offset)
+        return tail_lines(run_dir.task_dir(handle.folder) / "stderr.log", handle.stderr_offset)
 
     # ------------------------------------------------------------ retries
 
@@ -709,19 +723,24 @@ class Scheduler:
 
     def _on_transition(self, handle: TaskHandle, old: TaskStatus, new: TaskStatus, info: dict[str, Any]) -> None:
         self.outstanding += (old in OUTCOMES) - (new in OUTCOMES)
-        if self.run_dir is not None:
+        run_dir = self._dir(handle)
+        if run_dir is not None:
             if new in OUTCOMES:
                 # the record first: an event that says FINISHED always has its record, so a run killed
                 # between the two never runs that task again on --resume
-                self.run_dir.write_record(handle.to_record())
+                run_dir.write_record(handle.to_record())
             self._event(handle, new.value, old.value, **info)
 
+    def _dir(self, handle: TaskHandle) -> RunDir | None:
+        return handle.run_dir if handle.run_dir is not None else self.run_dir
+
     def _event(self, handle: TaskHandle, status: str, previous: str, **info: Any) -> None:
-        if self.run_dir is None:
+        run_dir = self._dir(handle)
+        if run_dir is None:
             return
         child = handle.child
         attempt = handle.attempt.attempt if handle.attempt is not None else 0
-        self.run_dir.event(task=handle.task_id, attempt=attempt, status=status, previous=previous,
+        run_dir.event(task=handle.task_id, attempt=attempt, status=status, previous=previous,
                            pid=child.pid if child is not None else None,
                            **{k: v for k, v in info.items() if v is not None})
 

@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,11 +215,15 @@ class SharedMemory:
 class Federation:
     """Runs a federated experiment described by a FederationSpec; see the module docstring."""
 
-    def __init__(self, spec: FederationSpec, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, spec: FederationSpec, on_event: Callable[[dict[str, Any]], None] | None = None,
+                 sessions: Callable[[list[Task]], AbstractContextManager[Any]] | None = None) -> None:
+        """``sessions``: where the run's jobs go, given the tasks whose modules the processes need: by default a
+        supervisor of the run's own; a sweep passes a share of the one supervisor all its runs use."""
         self.spec = spec
         self.on_event = on_event
         self.round = 0
         self.supervisor = Supervisor(**{**spec.supervisor, "run_dir": spec.output, "keep_loaded": True})
+        self.sessions = sessions or self.supervisor.session
         # Client objects are made when a round needs them (one round's worth at a time), never all up front:
         # a federation of 10,000 clients costs the main process nothing per client it does not sample.
         self.first_client = self._make_client(0)  # the class checked now, and its module for the fork server
@@ -385,7 +390,7 @@ class Federation:
         shm = SharedMemory()
         status = "failed"
         try:
-            with self.supervisor.session([self.first_client]) as session:
+            with self.sessions([self.first_client]) as session:
                 assert session.run_dir is not None
                 session.run_dir.event(event="run_started", resume=resume, from_round=done + 1)
                 self._emit(event="run_started", resume=resume, from_round=done + 1, rounds=self.spec.rounds)

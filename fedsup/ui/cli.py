@@ -166,10 +166,65 @@ def cmd_status(args: argparse.Namespace) -> int:
     return ExitStatus.SUCCESS
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsup.federated.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, args.set)
+    if args.dry_run:
+        print(f"{sweep.name}: {len(sweep.runs)} runs of {sweep.base}, into {sweep.output}")
+        for run in sweep.runs:
+            print(f"  {run.name:<40} {' '.join('--set ' + o for o in run.overrides)}")
+        return ExitStatus.SUCCESS
+    view = SweepView(len(sweep.runs))
+    args.run_started = True  # the sweep's input is checked; what fails from here is a run
+    outcomes = run_sweep(sweep, resume=args.resume, on_event=view.on_event)
+    for outcome in outcomes:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in ((outcome.summary or {}).get("final_metrics") or {}).items())
+        note = outcome.error or metrics
+        print(f"{outcome.run.name}: {outcome.status}{'; ' + note if note else ''}")
+    failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
+    print(f"sweep {sweep.name}: {len(outcomes) - len(failed)}/{len(outcomes)} runs finished; directory: "
+          f"{sweep.output}")
+    return ExitStatus.RUN_FAILED if failed else ExitStatus.SUCCESS
+
+
+class SweepView:
+    """A line per finished round: which run, and how the sweep stands (runs done, running, queued)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done: set[str] = set()
+        self.running: dict[str, int] = {}
+        self.log = logging.getLogger("fedsup.sweep")
+
+    def on_event(self, outcome: Any, event: dict[str, Any]) -> None:
+        name = outcome.run.name
+        if event.get("event") == "run_started":
+            self.running[name] = 0
+        elif event.get("event") == "round_finished":
+            self.running[name] = int(event.get("round", 0))
+            if self.running[name] >= outcome.rounds:
+                self.done.add(name)
+                self.running.pop(name, None)
+            rounds = ", ".join(f"{n} {r}/{outcome.rounds}" for n, r in sorted(self.running.items()))
+            queued = self.total - len(self.done) - len(self.running)
+            self.log.info("%s: round %s/%s done; runs: %d done, %d running, %d queued%s", name,
+                          event.get("round"), outcome.rounds, len(self.done), len(self.running), queued,
+                          f" ({rounds})" if rounds else "")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsup.ui.digest import load_run, text_summary
     from fedsup.ui.report import write_report
+    from fedsup.ui.sweep_report import is_sweep_dir, write_sweep_report
 
+    if is_sweep_dir(args.run_dir):
+        path = write_sweep_report(args.run_dir, args.out, args.format)
+        print(f"report: {path}")
+        return ExitStatus.SUCCESS
+    if args.format != "html":
+        raise ConfigError(f"--format {args.format}: only a sweep's report has a table to write as "
+                          f"{args.format}; {args.run_dir} is a run directory")
     run_dir = _run_dir(args.run_dir)
     path = write_report(run_dir, args.out)
     print(text_summary(load_run(run_dir)))
@@ -212,10 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
 
-    report = sub.add_parser("report", help="write RUN_DIR/report.html with a device timeline and charts")
+    report = sub.add_parser("report", help="write RUN_DIR/report.html with a device timeline and charts (or, for "
+                            "a sweep's directory, the sweep's page)")
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.add_argument("--out", help="where to write the page (default RUN_DIR/report.html)")
+    report.add_argument("--format", choices=("html", "csv", "json"), default="html",
+                        help="a sweep's final-metrics table as CSV or JSON instead of the page")
     report.set_defaults(func=cmd_report)
+
+    sweep = sub.add_parser("sweep", help="run every config x seed of a sweep file on one supervisor")
+    sweep.add_argument("sweep", metavar="SWEEP", help="the sweep's YAML file")
+    sweep.add_argument("--resume", action="store_true", help="continue a killed sweep; finished runs are kept")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs it expands to; run nothing")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of every run's config (repeatable)")
+    sweep.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -244,6 +310,7 @@ def _setup_logging(verbose: int) -> Any:
     # fedsup's own progress lines at INFO; libraries stay at WARNING unless -vv
     logging.getLogger("fedsup").setLevel(level if verbose else logging.WARNING)
     logging.getLogger("fedsup.run").setLevel(logging.INFO)
+    logging.getLogger("fedsup.sweep").setLevel(logging.INFO)
     return console
 
 
