@@ -66,8 +66,9 @@ def run(config: Any, **options: Any) -> dict[str, Any]:
     dict of the same shape or a ``fedsup.federated.config.RunConfig``. Returns the run's summary. Options:
     ``overrides`` (``["federation.rounds=10"]``), ``resume``, ``output``, ``on_event``."""
     from fedsup.federated.runner import run as run_config
+    from fedsup.ui.report import write_report
 
-    return run_config(config, **options)
+    return run_config(config, **{"report": write_report, **options})
 
 
 __all__ = [

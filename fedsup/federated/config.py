@@ -62,6 +62,7 @@ from fedsup.federated.problems import (
 )
 from fedsup.federated.registry import BUILTIN, make_strategy, min_clients, options_of
 from fedsup.federated.strategies import Strategy
+from fedsup.federated.tracking import missing_extra
 
 __all__ = [
     "STRATEGIES",
@@ -456,6 +457,23 @@ class CheckpointsConfig(_Section):
     every: int | None = Field(default=50, ge=1, description="also keep every k-th round's checkpoint; null: none")
 
 
+class TensorBoardConfig(_Section):
+    dir: str | None = Field(default=None, description="the event files' folder; default: <run dir>/tensorboard")
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = Field(default="mlruns", description="a folder (an sqlite store in it), a .db file, or a "
+                              "server's URI")
+    experiment: str | None = Field(default=None, description="default: the run's name")
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers (optional extras): per round, train and eval metrics and the round's duration."""
+
+    tensorboard: TensorBoardConfig | None = None
+    mlflow: MlflowConfig | None = None
+
+
 class RunConfig(_Section):
     """One federated run, as a config file describes it."""
 
@@ -466,6 +484,7 @@ class RunConfig(_Section):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     faults: FaultsConfig | None = None
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+    tracking: TrackingConfig | None = None
     output: Annotated[str, BeforeValidator(_none_to_empty)] = Field(
         default="", description="the run directory, as written (relative to where fedsup runs); default: runs/<name>")
 
@@ -480,8 +499,17 @@ class RunConfig(_Section):
     def _defaults_and_faults(self) -> RunConfig:
         if not self.output:
             self.output = f"runs/{self.name}"
-        raise_problems(_hang_problems(self) + _limit_problems(self))
+        raise_problems(_hang_problems(self) + _limit_problems(self) + _tracking_problems(self))
         return self
+
+
+def _tracking_problems(config: RunConfig) -> list[Problem]:
+    tracking = config.tracking
+    if tracking is None:
+        return []
+    chosen = [name for name in ("tensorboard", "mlflow") if getattr(tracking, name) is not None]
+    problems = [(("tracking", name), missing_extra(name), name) for name in chosen]
+    return [(loc, message, value) for loc, message, value in problems if message is not None]
 
 
 def _limit_problems(config: RunConfig) -> list[Problem]:

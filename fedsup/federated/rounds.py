@@ -59,11 +59,12 @@ from fedsup.federated.client_state import ClientStates
 from fedsup.federated.heterogeneity import RoundPlan, plan_round
 from fedsup.federated.retention import Retention, prune, sweep
 from fedsup.federated.strategies import ClientUpdate, Strategy, weighted_metrics
+from fedsup.federated.tracking import Trackers
 
 log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 # Keys that may change between a run and its resumption: they decide how, not what, is computed.
-RESUMABLE_CHANGES = ("supervisor", "output", "checkpoints")
+RESUMABLE_CHANGES = ("supervisor", "output", "checkpoints", "tracking")
 # What only fedsup writes at the top of a run directory: one of them there means the folder is a run's.
 RUN_MARKS = (LOCK_FILE, "events.jsonl", "rounds.jsonl")
 CAUSES_SHOWN = 3  # failing jobs named, with their errors, in the message of a run that fails
@@ -92,6 +93,7 @@ class FederationSpec:
     task_options: dict[str, Any] = field(default_factory=dict)  # estimate_memory, estimate_cuda_memory, cpus
     supervisor: dict[str, Any] = field(default_factory=dict)    # Supervisor keyword arguments
     config: dict[str, Any] | None = None                         # the resolved config, written as config.yaml
+    tracking: dict[str, Any] | None = None                       # tensorboard / mlflow (tracking.py)
 
 
 @dataclass
@@ -216,10 +218,13 @@ class Federation:
     """Runs a federated experiment described by a FederationSpec; see the module docstring."""
 
     def __init__(self, spec: FederationSpec, on_event: Callable[[dict[str, Any]], None] | None = None,
-                 sessions: Callable[[list[Task]], AbstractContextManager[Any]] | None = None) -> None:
+                 sessions: Callable[[list[Task]], AbstractContextManager[Any]] | None = None,
+                 report: Callable[[Path], Path] | None = None) -> None:
         """``sessions``: where the run's jobs go, given the tasks whose modules the processes need: by default a
-        supervisor of the run's own; a sweep passes a share of the one supervisor all its runs use."""
+        supervisor of the run's own; a sweep passes a share of the one supervisor all its runs use. ``report``
+        writes the run's HTML report (an MLflow artifact, where MLflow tracks the run)."""
         self.spec = spec
+        self.report = report
         self.on_event = on_event
         self.round = 0
         self.supervisor = Supervisor(**{**spec.supervisor, "run_dir": spec.output, "keep_loaded": True})
@@ -230,6 +235,7 @@ class Federation:
         self._clients: dict[int, Task] = {}
         self.spec.strategy.setup(clients=spec.clients)
         self.client_states = ClientStates(self.path)
+        self.trackers = Trackers(None, self.path, spec.name, None)
         self.retention = Retention(spec.keep_last, spec.checkpoint_every)
         self.last: RoundResult | None = None  # the newest complete round: what summary.json shows of it
         self.completed = 0
@@ -386,7 +392,10 @@ class Federation:
         done = self._prepare_dir(resume)
         sweep(self.path / "checkpoints", self.retention, done)
         self.client_states.recover(done, self.retention.oldest_resumable(done))
-        self._resume_totals(read_jsonl(self.path / "rounds.jsonl")[:done])
+        lines = read_jsonl(self.path / "rounds.jsonl")[:done]
+        self._resume_totals(lines)
+        self.trackers = Trackers(self.spec.tracking, self.path, self.spec.name, self.spec.config, self.report)
+        self.trackers.catch_up(lines)
         shm = SharedMemory()
         status = "failed"
         try:
@@ -409,6 +418,7 @@ class Federation:
             shm.close()
             if status != "finished":
                 self._summary(status)
+            self.trackers.end({"status": status})
 
     def _starting_state(self, session: Session, done: int) -> State | None:
         if done:
@@ -663,6 +673,7 @@ class Federation:
         self._base, self._current = _add(self._base, result.jobs), {}
         self._emit(event="round_finished", **result.to_json())
         self._summary("running")
+        self.trackers.round(result.to_json())
 
     def _resume_totals(self, lines: list[dict[str, Any]]) -> None:
         """The totals and the newest round of the complete rounds a resume keeps, from their lines (and, for a

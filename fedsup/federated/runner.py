@@ -47,25 +47,29 @@ def build_spec(config: RunConfig, output: str | os.PathLike[str] | None = None) 
                       "cpus": task.cpus, "labels": task.labels},
         supervisor=supervisor_kwargs(config),
         config=yaml.safe_load(to_yaml(config)),
+        tracking=config.tracking.model_dump() if config.tracking is not None else None,
     )
 
 
 def prepare(source: ConfigSource, overrides: Sequence[str] = (), output: str | os.PathLike[str] | None = None,
-            on_event: Callable[[dict[str, Any]], None] | None = None) -> Federation:
-    """Validate the config and build the run without starting it (the CLI attaches its live view first)."""
+            on_event: Callable[[dict[str, Any]], None] | None = None,
+            report: Callable[[Path], Path] | None = None) -> Federation:
+    """Validate the config and build the run without starting it (the CLI attaches its live view first).
+    ``report``: writes the run's HTML report, for the trackers that keep it (MLflow)."""
     config = load_config(source, overrides)
-    return Federation(build_spec(config, output), on_event=on_event)
+    return Federation(build_spec(config, output), on_event=on_event, report=report)
 
 
 def run(source: ConfigSource, *, overrides: Sequence[str] = (), resume: bool = False,
         output: str | os.PathLike[str] | None = None,
-        on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        report: Callable[[Path], Path] | None = None) -> dict[str, Any]:
     """Run (or resume) the federated run a config describes; return its summary (also in summary.json).
 
     ``source`` is a YAML file, a dict of the same shape, or a RunConfig. Raises ConfigError for bad input,
     RunFailed when a round cannot reach ``min_clients``, RunInterrupted on SIGINT/SIGTERM.
     """
-    return prepare(source, overrides, output, on_event).run(resume=resume)
+    return prepare(source, overrides, output, on_event, report).run(resume=resume)
 
 
 def placement_plan(source: ConfigSource, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -317,15 +317,17 @@ class RunOutcome:
 
 
 def run_sweep(sweep: Sweep, resume: bool = False,
-              on_event: Callable[[RunOutcome, dict[str, Any]], None] | None = None) -> list[RunOutcome]:
-    """Run every run of the sweep on one supervisor; return how each ended (also in sweep-summary.json)."""
+              on_event: Callable[[RunOutcome, dict[str, Any]], None] | None = None,
+              report: Callable[[Path], Path] | None = None) -> list[RunOutcome]:
+    """Run every run of the sweep on one supervisor; return how each ended (also in sweep-summary.json).
+    ``report`` writes a run's HTML report, for the trackers that keep it (MLflow)."""
     _prepare_output(sweep, resume)
     outcomes = [RunOutcome(run) for run in sweep.runs]
     todo = [o for o in outcomes if not _finished_before(o)]
     if not todo:
         _write_summary(sweep, outcomes)
         return outcomes
-    feds = {id(o): _federation(sweep, o, on_event) for o in todo}
+    feds = {id(o): _federation(sweep, o, on_event, report) for o in todo}
     first = next(iter(feds.values()))
     supervisor = Supervisor(**{**first.spec.supervisor, "keep_loaded": True})
     threads: list[threading.Thread] = []
@@ -372,8 +374,8 @@ def _drive(federation: Federation, outcome: RunOutcome, resume: bool, shared: Sh
         shared.scheduler.runtime.nudge()  # type: ignore[attr-defined]
 
 
-def _federation(sweep: Sweep, outcome: RunOutcome,
-                on_event: Callable[[RunOutcome, dict[str, Any]], None] | None) -> Federation:
+def _federation(sweep: Sweep, outcome: RunOutcome, on_event: Callable[[RunOutcome, dict[str, Any]], None] | None,
+                report: Callable[[Path], Path] | None) -> Federation:
     run = outcome.run
     config = load_config(sweep.base, [*run.overrides, f"output={run.path}"])
     outcome.rounds = config.federation.rounds
@@ -384,7 +386,7 @@ def _federation(sweep: Sweep, outcome: RunOutcome,
         if on_event is not None:
             on_event(outcome, event)
 
-    return Federation(build_spec(config), on_event=events)
+    return Federation(build_spec(config), on_event=events, report=report)
 
 
 def _prepare_output(sweep: Sweep, resume: bool) -> None:

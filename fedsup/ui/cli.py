@@ -54,7 +54,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.run_started = True  # from here on an error means the run failed, not that the input was bad
         view.on_event(event)
 
-    federation = prepare(args.config, args.set, args.output, on_event=on_event)
+    from fedsup.ui.report import write_report
+
+    federation = prepare(args.config, args.set, args.output, on_event=on_event, report=write_report)
     args.run_dir_path = federation.path
     view.attach(federation)
     try:
@@ -177,7 +179,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return ExitStatus.SUCCESS
     view = SweepView(len(sweep.runs))
     args.run_started = True  # the sweep's input is checked; what fails from here is a run
-    outcomes = run_sweep(sweep, resume=args.resume, on_event=view.on_event)
+    from fedsup.ui.report import write_report
+
+    outcomes = run_sweep(sweep, resume=args.resume, on_event=view.on_event, report=write_report)
     for outcome in outcomes:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in ((outcome.summary or {}).get("final_metrics") or {}).items())
         note = outcome.error or metrics
