@@ -169,6 +169,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from fedsup.federated.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep, args.set)
@@ -177,11 +179,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for run in sweep.runs:
             print(f"  {run.name:<40} {' '.join('--set ' + o for o in run.overrides)}")
         return ExitStatus.SUCCESS
-    view = SweepView(len(sweep.runs))
-    args.run_started = True  # the sweep's input is checked; what fails from here is a run
+    from fedsup.ui.live import SweepView
     from fedsup.ui.report import write_report
 
-    outcomes = run_sweep(sweep, resume=args.resume, on_event=view.on_event, report=write_report)
+    view = SweepView(getattr(args, "console", None) or Console(stderr=True), [r.name for r in sweep.runs])
+    args.run_started = True  # the sweep's input is checked; what fails from here is a run
+    try:
+        outcomes = run_sweep(sweep, resume=args.resume, on_event=view.on_event, report=write_report)
+    finally:
+        view.stop()
     for outcome in outcomes:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in ((outcome.summary or {}).get("final_metrics") or {}).items())
         note = outcome.error or metrics
@@ -190,31 +196,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {len(outcomes) - len(failed)}/{len(outcomes)} runs finished; directory: "
           f"{sweep.output}")
     return ExitStatus.RUN_FAILED if failed else ExitStatus.SUCCESS
-
-
-class SweepView:
-    """A line per finished round: which run, and how the sweep stands (runs done, running, queued)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done: set[str] = set()
-        self.running: dict[str, int] = {}
-        self.log = logging.getLogger("fedsup.sweep")
-
-    def on_event(self, outcome: Any, event: dict[str, Any]) -> None:
-        name = outcome.run.name
-        if event.get("event") == "run_started":
-            self.running[name] = 0
-        elif event.get("event") == "round_finished":
-            self.running[name] = int(event.get("round", 0))
-            if self.running[name] >= outcome.rounds:
-                self.done.add(name)
-                self.running.pop(name, None)
-            rounds = ", ".join(f"{n} {r}/{outcome.rounds}" for n, r in sorted(self.running.items()))
-            queued = self.total - len(self.done) - len(self.running)
-            self.log.info("%s: round %s/%s done; runs: %d done, %d running, %d queued%s", name,
-                          event.get("round"), outcome.rounds, len(self.done), len(self.running), queued,
-                          f" ({rounds})" if rounds else "")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ The panel is redrawn by rich's refresh thread, which starts only once the run's 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -173,3 +174,56 @@ def count_table(jobs: list[tuple[str, TaskStatus]]) -> Table:
 _STYLE = {TaskStatus.TRAINING: "yellow", TaskStatus.FINISHED: "green", TaskStatus.FAILED: "bold red",
           TaskStatus.EXCEPTION: "red", TaskStatus.CRASHED: "red", TaskStatus.TIMEOUT: "red",
           TaskStatus.INTERRUPT: "magenta", TaskStatus.LOADING: "blue", TaskStatus.WAITING: "cyan"}
+
+
+class SweepView:
+    """A sweep as it goes: on a terminal a live panel (runs done, running and queued, each running run's
+    round); elsewhere a log line per finished round. Its events come from the runs' threads."""
+
+    def __init__(self, console: Console, runs: list[str]) -> None:
+        self.console = console
+        self.lock = threading.Lock()
+        self.state: dict[str, tuple[str, int, int]] = {name: ("queued", 0, 0) for name in runs}
+        self.started = time.monotonic()
+        self.live: Live | None = None
+        if console.is_terminal:
+            self.live = Live(get_renderable=self.render, console=console, refresh_per_second=4)
+            self.live.start()
+
+    def on_event(self, outcome: Any, event: dict[str, Any]) -> None:
+        name, kind = outcome.run.name, event.get("event")
+        with self.lock:
+            _, done, rounds = self.state.get(name, ("queued", 0, outcome.rounds))
+            if kind == "run_started":
+                self.state[name] = ("running", int(event.get("from_round", 1)) - 1, outcome.rounds)
+            elif kind == "round_finished":
+                done = int(event.get("round") or done)
+                self.state[name] = ("done" if done >= outcome.rounds else "running", done, outcome.rounds)
+            else:
+                return
+            counts = Counter(status for status, _, _ in self.state.values())
+        if kind == "round_finished":
+            line = (f"{name}: round {done}/{outcome.rounds} in {float(event.get('duration', 0)):.1f}s; eval "
+                    f"{_fmt_metrics(event.get('eval_metrics') or {})}; runs {counts['done']} done, "
+                    f"{counts['running']} running, {counts['queued']} queued")
+            if self.live is not None:
+                self.live.console.print(line, highlight=False)
+            else:
+                logging.getLogger("fedsup.sweep").info(line)
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def render(self) -> Group:
+        with self.lock:
+            state = dict(self.state)
+        counts = Counter(status for status, _, _ in state.values())
+        head = Text(f"fedsup sweep: {counts['done']} done, {counts['running']} running, {counts['queued']} queued "
+                    f"of {len(state)} runs   {_duration(time.monotonic() - self.started)}", style="bold")
+        table = Table(box=None, show_header=False, pad_edge=False)
+        for name, (status, done, rounds) in state.items():
+            if status == "running":
+                table.add_row(name, f"round {done + 1}/{rounds}" if done < rounds else "finishing")
+        return Group(head, table)
