@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from fedsup.engine.devices import Inventory
+from fedsup.engine.errors import ConfigError
 from fedsup.engine.units import format_bytes, parse_bytes
 from fedsup.federated.config import RunConfig, load_config, resolve_class, supervisor_kwargs, to_yaml
 from fedsup.federated.registry import make_strategy
@@ -92,6 +93,9 @@ def placement_plan(source: ConfigSource, overrides: Sequence[str] = ()) -> dict[
                    f"(largest usable {format_bytes(inventory.largest_capacity())})")
     slots = (sum(d["tasks_at_once"] or 0 for d in devices) if devices
              else inventory.cpu.cores // max(config.task.cpus, 1))
+    cluster = _cluster_plan(kwargs, config.task.cpus) if kwargs.get("backend") == "ray" else None
+    if cluster is not None and cluster["nodes"]:
+        slots = cluster["slots"]
     return {
         "name": spec.name, "output": str(spec.output), "clients": spec.clients, "rounds": spec.rounds,
         "clients_per_round": spec.clients_per_round, "min_clients": spec.min_clients, "strategy": repr(spec.strategy),
@@ -100,4 +104,29 @@ def placement_plan(source: ConfigSource, overrides: Sequence[str] = ()) -> dict[
         "cpu_cores": inventory.cpu.cores, "max_loaded": kwargs["max_loaded"] or 2 * inventory.cpu.cores,
         "training_at_once": slots if kwargs["max_training"] is None else min(slots, kwargs["max_training"]),
         "problem": problem,
+        "cluster": cluster,
     }
+
+
+def _cluster_plan(kwargs: dict[str, Any], cpus: int) -> dict[str, Any]:
+    """The Ray cluster a ``backend: ray`` run would use: each node as it sees itself, and the job slots its agent
+    would offer (its Ray CPUs over the task's cpus). With address ``auto`` and no cluster running, the run
+    would start a local Ray: said, not an error."""
+    from fedsup.cluster import INSTALL
+
+    try:
+        from fedsup.cluster.driver import describe_nodes
+    except ImportError:
+        raise ConfigError(f"supervisor.backend: 'ray' needs the ray package, which is not installed: {INSTALL}") \
+            from None
+    address = kwargs.get("ray_address") or "auto"
+    try:
+        nodes = describe_nodes(address, key="supervisor.ray_address")
+    except ConfigError:
+        if address != "auto":
+            raise
+        return {"address": address, "nodes": [], "slots": 0,
+                "note": "no Ray cluster is running here: the run would start a local Ray on this machine"}
+    for node in nodes:
+        node["slots"] = int(node.get("ray_cpus") or 0) // max(cpus, 1)
+    return {"address": address, "nodes": nodes, "slots": sum(n["slots"] for n in nodes), "note": None}

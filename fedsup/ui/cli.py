@@ -77,7 +77,10 @@ def _show_plan(plan: dict[str, Any]) -> int:
     for device in plan["devices"]:
         print(f"  {device['name']}: {device['memory']} ({device['usable']} usable now) -> "
               f"{device['tasks_at_once']} task(s) at once")
-    if not plan["devices"]:
+    cluster = plan.get("cluster")
+    if cluster is not None:
+        _show_cluster_plan(cluster)
+    elif not plan["devices"]:
         print(f"  cpu: {plan['cpu_cores']} cores -> {plan['training_at_once']} task(s) training at once")
     print(f"at most {plan['max_loaded']} task processes alive, {plan['training_at_once']} training at once")
     print(f"output: {plan['output']}")
@@ -85,6 +88,19 @@ def _show_plan(plan: dict[str, Any]) -> int:
         print(f"fedsup: error: {plan['problem']}", file=sys.stderr)
         return ExitStatus.BAD_INPUT
     return ExitStatus.SUCCESS
+
+
+def _show_cluster_plan(cluster: dict[str, Any]) -> None:
+    from fedsup.engine.units import format_bytes
+
+    if cluster["note"]:
+        print(f"  ray ({cluster['address']}): {cluster['note']}")
+        return
+    print(f"  ray cluster at {cluster['address']}: {len(cluster['nodes'])} node(s), {cluster['slots']} job slot(s)")
+    for node in cluster["nodes"]:
+        gpus = ", ".join(f"{g['name']} {format_bytes(g['free'])} free" for g in node.get("gpus") or []) or "no GPUs"
+        state = f"error: {node['error']}" if "error" in node else f"cores {node.get('cores', '-')}, {gpus}"
+        print(f"    {node['node']}: ray {node.get('ray_cpus', 0):g} CPU -> {node['slots']} slot(s); {state}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Keeps a local Ray cluster for the tests, in a process of its own so that the test process never holds
 Ray's native threads (its later tests fork fork servers). Prints the cluster's address, then serves lines
-on stdin: ``remove RAYLET_PID`` removes the node of that raylet and answers ``removed``; end of input shuts
-the cluster down.
+on stdin: ``remove RAYLET_PID`` removes the node of that raylet and answers ``removed``; ``add`` adds a node
+with one CPU and answers ``added``, once it is up; end of input shuts the cluster down.
 
     python cluster_keeper.py CPU_NODES
 """
@@ -29,6 +29,10 @@ def main() -> None:
                               if n.all_processes["raylet"][0].process.pid == int(argument))
                 cluster.remove_node(victim)
                 print("removed", flush=True)
+            elif command == "add":
+                cluster.add_node(num_cpus=1)
+                cluster.wait_for_nodes()
+                print("added", flush=True)
     finally:
         cluster.shutdown()
 

@@ -58,6 +58,13 @@ class LocalCluster:
         self.keeper.stdin.flush()
         assert self.keeper.stdout.readline().strip() == "removed"
 
+    def add_node(self) -> None:
+        """Add a node with one CPU, as a machine that joins; returns once Ray sees it."""
+        assert self.keeper.stdin is not None and self.keeper.stdout is not None
+        self.keeper.stdin.write("add\n")
+        self.keeper.stdin.flush()
+        assert self.keeper.stdout.readline().strip() == "added"
+
     def shutdown(self) -> None:
         assert self.keeper.stdin is not None
         self.keeper.stdin.close()

@@ -212,3 +212,24 @@ def test_a_node_removed_mid_round_costs_only_its_jobs(tmp_path: Path, cluster: L
     assert_same_model(run, local_run)
     assert_nothing_twice(run)
     _lost_node_checks(run, node)
+
+
+@pytest.mark.timeout(600)
+def test_a_node_that_joins_mid_run_is_given_work(tmp_path: Path, cluster: LocalCluster, local_run: Path) -> None:
+    # after the removal above: the cluster has one node with a CPU, and gains one while round 2 is held
+    main = start("run", str(config(tmp_path, "joined", "ray", cluster.address, hold=True)))
+    held_pid(tmp_path, "joined")
+    run = tmp_path / "joined"
+    before = {e["node"] for e in events(run) if e.get("event") == "node_joined"}
+    cluster.add_node()
+    with open(tmp_path / "joined.go", "w") as go:  # the held job goes on
+        go.write("x")
+    _, err = main.communicate(timeout=400)
+    assert main.returncode == 0, err
+    assert_same_model(run, local_run)
+    assert_nothing_twice(run)
+    joined = {e["node"] for e in events(run) if e.get("event") == "node_joined"} - before
+    assert len(joined) == 1, "the new node got an agent"
+    later = [r for r in read_records(run) if r.task_id.startswith(f"round-{ROUNDS}.")]
+    assert any(r.node in joined for r in later), [(r.task_id, r.node) for r in later]
+

@@ -117,3 +117,24 @@ def test_a_cluster_run_shows_its_nodes_live_and_in_the_report(tmp_path: Path, cl
     page = report.render_html(digest.load_run(tmp_path / "run"))
     labels = re.findall(r'<g class="device" data-device="cpu" data-node="([^"]+)"', page)
     assert len(labels) == 2 and all(f"{node} / cpu" in page for node in labels), labels
+
+
+@pytest.mark.timeout(180)
+def test_dry_run_on_a_cluster_lists_its_nodes_and_job_slots(tmp_path: Path, cluster: LocalCluster) -> None:
+    import subprocess
+
+    import yaml
+    from ray_cluster import child_env
+
+    data = {"name": "plan", "task": {"class": "fedsup.examples.synthetic:SyntheticClient"},
+            "federation": {"clients": 4, "rounds": 1},
+            "supervisor": {"devices": "cpu", "backend": "ray", "ray_address": cluster.address}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "fedsup", "run", str(path), "--dry-run"], capture_output=True,
+                          text=True, timeout=150, env=child_env())
+    assert done.returncode == 0, done.stderr
+    assert f"ray cluster at {cluster.address}: 3 node(s), 2 job slot(s)" in done.stdout, done.stdout
+    assert done.stdout.count("ray 1 CPU -> 1 slot(s); cores") == 2, done.stdout
+    assert "2 training at once" in done.stdout, done.stdout
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
