@@ -175,14 +175,18 @@ class Mlflow(_Tracker):
 
 
 def store_uri(uri: str) -> tuple[str, str | None]:
-    """MLflow's URI for ``tracking_uri``, and where a new experiment keeps its artifacts (None: the store's
-    choice). A plain path is a folder: an sqlite store in it, artifacts beside."""
-    if "://" in uri or uri.startswith("sqlite:"):
+    """MLflow's URI for ``tracking_uri``, and where a new experiment keeps its artifacts (None: the server's
+    choice). A plain path is a folder: an sqlite store in it, artifacts beside. An sqlite file keeps its
+    artifacts in a folder beside it (MLflow's own default would be ./mlruns wherever the run was started)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        return uri, path.with_name(f"{path.stem}-artifacts").resolve().as_uri()
+    if "://" in uri:
         return uri, None
     path = Path(uri)
     if path.suffix == ".db":
         path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path.resolve()}", None
+        return f"sqlite:///{path.resolve()}", path.with_name(f"{path.stem}-artifacts").resolve().as_uri()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(path / 'mlflow.db').resolve()}", (path / "artifacts").resolve().as_uri()
 

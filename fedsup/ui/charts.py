@@ -444,7 +444,7 @@ def _panel(name: str, series: dict[str, list[tuple[float, float]]], x: float, y:
     sy = Scale(yticks[0], yticks[-1], y + PANEL_H - 34, y + 30)
     parts = [rect(x + 0.5, y + 0.5, PANEL_W - 1, PANEL_H - 1, "#ffffff", ' class="panel"'),
              text(x + 12, y + 19, name, "panel-title")]
-    parts += _panel_axes(sx, sy, yticks, y)
+    parts += panel_axes(sx, sy, yticks, y)
     legend_x = x + PANEL_W - 12
     for role, values in reversed(series.items()):
         parts.append(_series(f"{role} {name}" if role != "duration" else name, values, sx, sy, _role_colour(role)))
@@ -457,7 +457,7 @@ def _role_colour(role: str) -> str:
     return SERIES_COLOURS.get(role, "#6b7280")
 
 
-def _panel_axes(sx: Scale, sy: Scale, yticks: list[float], top: float) -> list[str]:
+def panel_axes(sx: Scale, sy: Scale, yticks: list[float], top: float) -> list[str]:
     parts = []
     for tick in yticks:
         parts.append(line(sx.x0, sy(tick), sx.x1, sy(tick), "grid"))

@@ -28,13 +28,12 @@ from fedsup.ui.charts import (
     WIDTH,
     Scale,
     esc,
-    line,
     nice_ticks,
     num,
+    panel_axes,
     rect,
     svg,
     text,
-    tick_label,
 )
 from fedsup.ui.digest import fmt_value, is_number, round_metrics
 
@@ -226,7 +225,7 @@ def _panel(metric: str, rows: list[ConfigRow], colours: dict[str, str], x: float
     sy = Scale(yticks[0], yticks[-1], y + PANEL_H - 34, y + 30)
     parts = [rect(x + 0.5, y + 0.5, PANEL_W - 1, PANEL_H - 1, "#ffffff", ' class="panel"'),
              text(x + 12, y + 19, metric, "panel-title")]
-    parts += _axes(sx, sy, yticks)
+    parts += panel_axes(sx, sy, yticks, y)
     for config, points in stats.items():
         colour = colours[config]
         upper = " ".join(f"{num(sx(n))},{num(sy(m + s))}" for n, m, s in points)
@@ -239,20 +238,6 @@ def _panel(metric: str, rows: list[ConfigRow], colours: dict[str, str], x: float
                      f'<polyline class="mean" points="{mean}" fill="none" stroke="{colour}" stroke-width="2"/>'
                      "</g>")
     return "".join(parts)
-
-
-def _axes(sx: Scale, sy: Scale, yticks: list[float]) -> list[str]:
-    parts = []
-    for tick in yticks:
-        parts.append(line(sx.x0, sy(tick), sx.x1, sy(tick), "grid"))
-        parts.append(text(sx.x0 - 6, sy(tick) + 4, tick_label(tick), "tick", "end"))
-    for tick in (t for t in nice_ticks(sx.lo, sx.hi, 8) if float(t).is_integer()):
-        parts.append(line(sx(tick), sy.x0, sx(tick), sy.x0 + 4, "axis"))
-        parts.append(text(sx(tick), sy.x0 + 16, tick_label(tick), "tick", "middle"))
-    parts.append(line(sx.x0, sy.x0, sx.x1, sy.x0, "axis"))
-    parts.append(line(sx.x0, sy.x0, sx.x0, sy.x1, "axis"))
-    parts.append(text(sx.x1, sy.x0 + 29, "round", "axis-title", "end"))
-    return parts
 
 
 def _legend(rows: list[ConfigRow]) -> str:

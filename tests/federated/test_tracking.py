@@ -47,11 +47,16 @@ def test_tensorboard_event_files_hold_every_round(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("where", ["store.db", "folder"])
-def test_mlflow_store_holds_params_metrics_and_artifacts(tmp_path: Path, where: str) -> None:
+def test_mlflow_store_holds_params_metrics_and_artifacts(tmp_path: Path, where: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow")
     import mlflow
 
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # nothing may land where the run was started (MLflow's default ./mlruns)
     fedsup.run(config(tmp_path, {"mlflow": {"tracking_uri": str(tmp_path / where), "experiment": "exp"}}))
+    assert list(cwd.iterdir()) == []
     uri, _ = tracking.store_uri(str(tmp_path / where))
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])

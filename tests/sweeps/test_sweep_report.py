@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import psutil
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ui"))
 from report_fixtures import browser  # noqa: E402
@@ -19,13 +15,7 @@ from fedsup.ui import sweep_report  # noqa: E402
 ROUNDS = 4
 
 
-@pytest.fixture()
-def chromium() -> Iterator[str]:
-    binary = browser.chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium): the page is not rendered")
-    yield binary
-    assert psutil.Process().children(recursive=True) == [], "a browser process outlived the test"
+chromium = browser.chromium_binary
 
 
 def fake_sweep(folder: Path, configs: list[str], seeds: int) -> Path:

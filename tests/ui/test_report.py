@@ -8,7 +8,6 @@ import random
 import re
 import struct
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -395,13 +394,7 @@ def _encode_png(rows: list[bytes], width: int, bpp: int, rng: random.Random) -> 
 # ---------------------------------------------------------------- in a real browser
 
 
-@pytest.fixture()
-def chromium() -> Iterator[str]:
-    binary = browser.chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium): the page is not rendered")
-    yield binary
-    assert psutil.Process().children(recursive=True) == [], "a browser process outlived the test"
+chromium = browser.chromium_binary
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:

@@ -17,8 +17,12 @@ import sys
 import tempfile
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+import pytest
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -189,3 +193,13 @@ def _paeth(line: bytes, up: bytes, bpp: int) -> bytes:
 
 
 _UNFILTERS = {0: _none, 1: _sub, 2: _up, 3: _average, 4: _paeth}
+
+
+@pytest.fixture()
+def chromium_binary() -> Iterator[str]:
+    """Chromium's path, or the test is skipped; and no browser process may outlive the test."""
+    binary = chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium): the page is not rendered")
+    yield binary
+    assert psutil.Process().children(recursive=True) == [], "a browser process outlived the test"
