@@ -31,6 +31,9 @@ Variants:
                cpus=1 task); FedAvg in the parent
     flower     Flower's simulation engine (Ray), bench/flower_peer.py run by bench/.flower-venv/bin/python,
                client_resources num_cpus=1; W1 and W2 only; skipped with a note when the venv is missing
+    fedsup-ray fedsup.run with supervisor.backend ray on a two-node (one CPU each) local Ray cluster the run's
+               process starts first (bench/ray_variant.py); W1 and W2 only; its wall is the run on the running
+               cluster, wall_with_startup adds the cluster's start; skipped where ray is not installed
 
 Every run is a fresh process: this script again with ``--one WORKLOAD VARIANT`` (or flower_peer.py),
 which imports torch and numpy *before* its timer starts, as any user script would, and prints one
@@ -69,6 +72,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -89,9 +93,10 @@ FLOWER_PY = HERE / ".flower-venv" / "bin" / "python"
 FLOWER_PEER = HERE / "flower_peer.py"
 
 WORKLOADS = ("W0", "W1", "W2", "W3")
-VARIANTS = ("fedsup", "fedsup-fresh", "inprocess", "pool2", "flower")
+VARIANTS = ("fedsup", "fedsup-fresh", "inprocess", "pool2", "flower", "fedsup-ray")
 QUICK_VARIANTS = ("fedsup", "inprocess", "pool2", "flower")  # --quick: about a minute without Flower
 FLOWER_WORKLOADS = ("W1", "W2")
+RAY_LOCAL_RATIO = 1.5   # W2: fedsup-ray on a cluster already running, against the local backend
 POOL_WORKERS = 2
 RUN_SEED = 0  # fl_clients.RUN_SEED: fedsup's run seed, which decides the clients a round samples
 
@@ -128,7 +133,8 @@ def child(workload: str, variant: str, n: int, rounds: int, per_round: int, plan
         plan = {int(r): ids for r, ids in json.loads(plan_json).items()}
     else:
         plan = make_plan(workload, n, rounds, per_round)
-    run = {"fedsup": _fedsup, "fedsup-fresh": _fedsup_fresh, "inprocess": _inprocess, "pool2": _pool2}[variant]
+    run = {"fedsup": _fedsup, "fedsup-fresh": _fedsup_fresh, "inprocess": _inprocess, "pool2": _pool2,
+           "fedsup-ray": _fedsup_ray}[variant]
     out = run(workload, n, rounds, per_round, plan)
     out.update({"imports": imports, "torch": torch.__version__, "python": platform.python_version(),
                 "pid": os.getpid()})
@@ -155,6 +161,13 @@ def _noop_result(wall: float, results: list[dict[str, Any]], t0_epoch: float) ->
     """W0's figures: the wall time and when the first no-op task ran."""
     return {"wall": wall, "first_train": _first([r["train_started"] for r in results], t0_epoch),
             "clients_trained": len(results)}
+
+
+def _fedsup_ray(workload: str, n: int, rounds: int, per_round: int, plan: dict[int, list[int]]) -> dict[str, Any]:
+    """fedsup on its Ray backend, on a two-node local cluster this process starts (bench/ray_variant.py)."""
+    import ray_variant
+
+    return ray_variant.run(workload, n, rounds, per_round, plan)
 
 
 def _fedsup_fresh(workload: str, n: int, rounds: int, per_round: int,
@@ -707,6 +720,15 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, st
                          get(w, "fedsup", "peak_pss"), get(w, "flower", "peak_pss"),
                          lambda fed, flower: f"{fed / 2**20:.0f} MiB / {flower / 2**20:.0f} MiB = {fed / flower:.2f}",
                          lambda fed, flower: fed <= PSS_FRACTION * flower))
+    out.append(judge(f"W2: fedsup-ray on a running cluster within {RAY_LOCAL_RATIO:g}x of fedsup local",
+                     get("W2", "fedsup-ray", "wall"), get("W2", "fedsup", "wall"),
+                     lambda ray, fed: f"{ray:.2f} s / {fed:.2f} s = {ray / fed:.2f}x",
+                     lambda ray, fed: ray <= RAY_LOCAL_RATIO * fed))
+    for w in FLOWER_WORKLOADS:
+        out.append(judge(f"{w}: fedsup-ray, cluster start included, faster than Flower",
+                         get(w, "fedsup-ray", "wall_with_startup"), get(w, "flower", "wall"),
+                         lambda ray, flower: f"{ray:.2f} s vs {flower:.2f} s",
+                         lambda ray, flower: ray < flower))
     for w in results:  # listed only where both variants ran
         first = judge(f"{w}: fedsup's first train() at most {FIRST_TRAIN_SLACK:g} s after pool2's",
                       get(w, "fedsup", "first_train"), get(w, "pool2", "first_train"),
@@ -797,7 +819,10 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[tuple[str, str], str] = {}
     for w in workloads:
         for v in variants:
-            if v == "flower" and w not in FLOWER_WORKLOADS:
+            if v in ("flower", "fedsup-ray") and w not in FLOWER_WORKLOADS:
+                continue
+            if v == "fedsup-ray" and importlib.util.find_spec("ray") is None:
+                skipped[(w, v)] = "ray is not installed (pip install 'fedsup[ray]')"
                 continue
             if v == "flower" and not flower_ok:
                 skipped[(w, v)] = "bench/.flower-venv missing (bash bench/setup_flower.sh)"
@@ -851,6 +876,13 @@ def main(argv: list[str] | None = None) -> int:
     checks = targets(results)
     for name, figures, verdict in checks:
         print(f"  {verdict:<5} {name:<58} {figures}")
+    for w in FLOWER_WORKLOADS:
+        ray = results.get(w, {}).get("fedsup-ray", {})
+        if "wall" in ray and "error" not in ray:
+            trip = ray.get("round_trip")
+            print(f"  {w} fedsup-ray: cluster start {ray.get('cluster_start', 0):.2f} s, agents ready "
+                  f"{ray.get('agent_start') or 0:.2f} s into the run, Ray round trip per job "
+                  f"{trip if trip is None else f'{trip:.3f}'} s, nodes {ray.get('nodes')}")
     extra = fresh_lines(results)
     if extra:
         print("for information, with supervisor.tasks_per_process = 1, a fresh process per client (not judged):")
