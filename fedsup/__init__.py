@@ -64,11 +64,12 @@ def __dir__() -> list[str]:
 def run(config: Any, **options: Any) -> dict[str, Any]:
     """Run (or, with ``resume=True``, resume) the federated run that ``config`` describes: a YAML file, a
     dict of the same shape or a ``fedsup.federated.config.RunConfig``. Returns the run's summary. Options:
-    ``overrides`` (``["federation.rounds=10"]``), ``resume``, ``output``, ``on_event``."""
+    ``overrides`` (``["federation.rounds=10"]``), ``resume``, ``output``, ``on_event``, and ``report``: a
+    function that writes the run's HTML report and returns its path, for MLflow to keep
+    (``fedsup.ui.report.write_report``; the ``fedsup`` command passes it)."""
     from fedsup.federated.runner import run as run_config
-    from fedsup.ui.report import write_report
 
-    return run_config(config, **{"report": write_report, **options})
+    return run_config(config, **options)
 
 
 __all__ = [

@@ -38,6 +38,7 @@ VALID: dict[str, Any] = {
         "phases": ["load", "train"], "max_per_task": 1,
     },
     "checkpoints": {"keep_last": 3, "every": 50},
+    "tracking": None,
     "output": "runs/synthetic-fedavg",
 }
 MINIMAL: dict[str, Any] = {

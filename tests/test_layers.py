@@ -21,8 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "federated": {"engine", "cluster", "federated"},
     "ui": {"engine", "cluster", "federated", "ui"},
     "examples": {"engine", "federated", "api", "examples"},  # user code: the public API, never the ui
-    "api": {"engine", "cluster", "federated", "ui"},  # fedsup/__init__.py (it registers the ray backend; its
-    # run() hands the report writer to the trackers that keep it) and the compatibility modules
+    "api": {"engine", "cluster", "federated"},  # fedsup/__init__.py (it registers the ray backend) and the
+    # compatibility modules
     "entry": {"ui"},  # fedsup/__main__.py
     "compat": {"engine", "compat"},  # other tools' APIs (fedflow's) on the engine
 }

@@ -55,7 +55,10 @@ def test_mlflow_store_holds_params_metrics_and_artifacts(tmp_path: Path, where: 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # nothing may land where the run was started (MLflow's default ./mlruns)
-    fedsup.run(config(tmp_path, {"mlflow": {"tracking_uri": str(tmp_path / where), "experiment": "exp"}}))
+    from fedsup.ui.report import write_report
+
+    fedsup.run(config(tmp_path, {"mlflow": {"tracking_uri": str(tmp_path / where), "experiment": "exp"}}),
+               report=write_report)
     assert list(cwd.iterdir()) == []
     uri, _ = tracking.store_uri(str(tmp_path / where))
     client = mlflow.MlflowClient(tracking_uri=uri)
