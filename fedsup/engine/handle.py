@@ -99,7 +99,8 @@ class TaskHandle:
         old = self.status
         check_transition(old, new)
         self.status = new
-        self.task.status = new
+        if self.primary is None:  # a speculative copy's steps are not the task's
+            self.task.status = new
         if self.listener is not None:
             self.listener(self, old, new, info)
 

@@ -148,7 +148,8 @@ def reap_group(pgid: int) -> None:
 # is_available() at import), and its children get the user's value back before they run anything of the task's.
 NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 _user_nvml_check: str | None = None
-_CUDA_ERROR_NOT_INITIALIZED = 3
+_CUDA_SUCCESS = 0
+_USER_NVML_CHECK = "FEDSUP_USER_NVML_CHECK"  # the user's setting, carried to a server started with spawn
 
 
 def cuda_initialised_here() -> bool:
@@ -161,7 +162,8 @@ def cuda_initialised_here() -> bool:
     except OSError:
         return False
     context = ctypes.c_void_p()
-    return int(driver.cuCtxGetCurrent(ctypes.byref(context))) != _CUDA_ERROR_NOT_INITIALIZED
+    # CUDA_SUCCESS only once cuInit has run; a stub driver (a CUDA build without a GPU) answers 34 to every call
+    return int(driver.cuCtxGetCurrent(ctypes.byref(context))) == _CUDA_SUCCESS
 
 
 def cuda_problem() -> str | None:
@@ -187,10 +189,31 @@ def devices_hidden() -> Iterator[None]:
 
 
 def guard_cuda_for_forking() -> None:
-    """In a fork server, before its imports and warm-up: keep CUDA checks off the CUDA runtime (see above)."""
+    """In a fork server, before its imports and warm-up: keep CUDA checks off the CUDA runtime (see above). A
+    server started with spawn had the variable set for its start (its parent's main module is imported
+    before this runs) and the user's own value carried beside it."""
     global _user_nvml_check
-    _user_nvml_check = os.environ.get(NVML_CUDA_CHECK)
+    if _USER_NVML_CHECK in os.environ:
+        _user_nvml_check = os.environ.pop(_USER_NVML_CHECK) or None
+    else:
+        _user_nvml_check = os.environ.get(NVML_CUDA_CHECK)
     os.environ[NVML_CUDA_CHECK] = "1"
+
+
+@contextmanager
+def _spawn_guarded() -> Iterator[None]:
+    """While a server is spawned: the variable set for it, the user's value carried in another."""
+    user = os.environ.get(NVML_CUDA_CHECK)
+    os.environ[_USER_NVML_CHECK] = user or ""
+    os.environ[NVML_CUDA_CHECK] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[_USER_NVML_CHECK]
+        if user is None:
+            os.environ.pop(NVML_CUDA_CHECK, None)
+        else:
+            os.environ[NVML_CUDA_CHECK] = user
 
 
 def restore_cuda_check() -> None:
@@ -362,6 +385,7 @@ class _Server:
     warm: bool                    # warms torch before it forks; the other kind serves at once, cold
     process: Any = None           # the multiprocessing.Process when started with spawn
     ready: bool = False           # warm and forking (a cold server is ready from the start)
+    broken: bool = False          # its start initialised CUDA: its children cannot use it
     retiring: bool = False        # told to exit once its last child has
     asked: int = 0                # children requested from it, ever (one-off jobs aside)
     starting: dict[int, ServerChild] = field(default_factory=dict)
@@ -411,6 +435,7 @@ class ForkServerLauncher:
         self.restarts = 0
         self.deaths = 0   # servers lost (died, or killed for missing a deadline): infrastructure deaths
         self._lost: list[tuple[ServerChild, ExitInfo]] = []   # exits learnt outside on_ready
+        self.no_warm = False  # a warm-up initialised CUDA once: servers started later stay cold
         self._cgroups: Cgroups | None = None
         self.forked = False
 
@@ -458,7 +483,8 @@ class ForkServerLauncher:
             process = mp.get_context("spawn").Process(
                 target=server_main, args=(theirs, ["torch", *self._preload], parent, warm, root),
                 name="fedsup-forkserver")
-            process.start()
+            with _spawn_guarded():
+                process.start()
             assert process.pid is not None
             pid = process.pid
         theirs.close()
@@ -508,7 +534,7 @@ class ForkServerLauncher:
         if self._warm is None:  # it died (killed from outside): start another, the tasks go on
             self.restarts += 1
             log.warning("restarting the fork server (restart %d)", self.restarts)
-            self._warm = self._start_server(warm=True, spawn_reason=self.fork_is_safe())
+            self._warm = self._start_server(warm=not self.no_warm, spawn_reason=self.fork_is_safe())
         server = self._cold if self._cold_serves(spec.one_off) else self._warm
         assert server is not None
         spec = replace(spec, cgroup=self._cgroups.folder() if self._cgroups else None)
@@ -638,13 +664,19 @@ class ForkServerLauncher:
         one serves in its place, for the rest of the run (True). Otherwise there is nothing better to fork
         from: it serves, and the log says why CUDA tasks fail (False)."""
         cold = self._cold
-        if state == "ready" and server is self._warm and cold is not None and not cold.retiring:
+        if (state == "ready" and server is self._warm and cold is not None and not cold.retiring
+                and not cold.broken and server.holds() == 0):
             log.warning("%s: task processes come from the cold fork server instead (torch not warmed)", problem)
-            server.sock.send(pickle.dumps(("stop",)))
+            try:
+                server.sock.send(pickle.dumps(("stop",)))
+            except OSError:
+                pass  # it died meanwhile: reaped all the same
             self._reap_server(server)
             cold.ready = True
             self._warm, self._cold = cold, None
+            self.no_warm = True  # a server started later (after a death) is a cold one too
             return True
+        server.broken = True
         log.warning("%s: tasks that use CUDA will fail (look for CUDA calls at import in the task's modules)",
                     problem)
         return False

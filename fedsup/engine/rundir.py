@@ -361,6 +361,9 @@ class RunDir:
         fields = {"time": round(time.time(), 6), **fields}
         line = json.dumps(fields, default=str) + "\n"
         with self._writing:  # a sweep's run writes from its thread, the scheduler from the main one
+            if self._events.closed:
+                log.warning("an event after its run directory was closed was not written: %s", line.strip()[:200])
+                return
             self._events.write(line)
             self._events.flush()
 
@@ -368,6 +371,9 @@ class RunDir:
         """Atomically (a whole file, or a whole line that a reader takes or leaves); durable at the next
         ``commit`` (a federated round's end, or the run's)."""
         with self._writing:
+            if self._events.closed:
+                log.warning("the record of %s came after its run directory was closed: not written", record.task_id)
+                return
             self._write_record(record)
 
     def _write_record(self, record: TaskRecord) -> None:
@@ -429,7 +435,9 @@ class RunDir:
             pass
 
     def close(self) -> None:
-        if not self._events.closed:
+        with self._writing:
+            if self._events.closed:
+                return
             grouped = self._group is not None
             self._close_group()
             if grouped:

@@ -175,7 +175,8 @@ class ProcessRuntime:
 
     def close(self) -> None:
         self.launcher.close()
-        for fd in (self.wake_r, self.wake_w):
+        fds, self.wake_r, self.wake_w = (self.wake_r, self.wake_w), -1, -1  # a late nudge writes nowhere
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:

@@ -713,6 +713,8 @@ class Scheduler:
     def _cancel(self, handle: TaskHandle, reason: str) -> None:
         if handle.status in OUTCOMES:
             return
+        if handle.rival is not None:  # before the record is written: the copy's attempt belongs in it
+            self._end_copy(handle.rival, reason)
         handle.end_attempt(S.CANCELLED, handle.error)
         handle.reason = reason
         handle.transition(S.CANCELLED, reason=reason)
@@ -795,6 +797,9 @@ class Scheduler:
 
     def _room_for_copy(self, handle: TaskHandle) -> bool:
         cpu, policy = self.inventory.cpu, self.policy
+        held = self._labels_held()  # a copy holds its original's labels too
+        if any(held[x] >= policy.limits[x] for x in handle.task.labels if x in policy.limits):
+            return False
         return (len(self.procs) < policy.max_loaded and self.runtime.can_spawn(False)
                 and cpu.used_cores + handle.task.cpus <= cpu.cores
                 and (policy.max_training is None or self.training < policy.max_training)
@@ -843,7 +848,9 @@ class Scheduler:
             primary.child = child
             self.procs[child] = primary
         primary.transition(S.FINISHED, device=message.record.device, speculative=True)
-        self._park(primary)
+        # not parked: the copy's process works and logs in the copy's folder, where the client's later jobs
+        # do not look; the client loads afresh next time
+        self._detach(primary)
 
     def _copy_failed(self, copy: TaskHandle, status: TaskStatus, error: ErrorInfo) -> None:
         """A copy that failed costs its original nothing: the original goes on, the attempt is kept."""

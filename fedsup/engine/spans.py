@@ -9,11 +9,15 @@ opens (``/proc/self/clear_refs``, as lenskit's ``reset_hwm``), and what it had r
 spans still open around it, so that an outer span's peak is the largest of its own and its children's. The
 phase's own measurement (``worker.Meter``) reads the same hand-over, so spans never hide a phase's peak.
 
-They run in the task's process only; the finished top-level spans of a phase travel in its PhaseRecord.
+They run in the task's process only, on the thread that runs ``load``/``train``/``evaluate`` (one stack per
+process: spans opened on other threads would interleave with it); the finished top-level spans of a phase
+travel in its PhaseRecord. Where ``/proc/self/clear_refs`` cannot be written, the mark cannot be reset and
+spans report no host peak (the phase's own peak is kept).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -40,6 +44,10 @@ class _Proc:
         # A forked child inherits the parent's descriptors, which point at the parent's /proc/self files.
         if self.pid == os.getpid():
             return
+        for fd in (self.status, self.clear_refs):  # the parent's, inherited through a fork
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self.pid = os.getpid()
         self.status = _open_or_none("/proc/self/status", os.O_RDONLY)
         self.clear_refs = _open_or_none("/proc/self/clear_refs", os.O_WRONLY)
@@ -96,6 +104,7 @@ class _State:
     finished: list[SpanRecord] = field(default_factory=list)   # this phase's top-level spans
     host_seen: int = 0            # for the phase: the high-water marks that resets cleared
     reserved_seen: int = 0        # torch's peak reserved memory, which the phase reports
+    resettable: bool = True       # the high-water mark could be reset: spans' host peaks are their own
 
 
 _state = _State()
@@ -125,7 +134,8 @@ def _hand_over() -> None:
     _state.host_seen = max(_state.host_seen, host)
     if cuda is not None:
         _state.reserved_seen = max(_state.reserved_seen, int(cuda.max_memory_reserved()))
-    _proc.reset_high_water()
+    if not _proc.reset_high_water():
+        _state.resettable = False  # the mark is the process's lifetime peak: no span's own
     if cuda is not None:
         cuda.reset_peak_memory_stats()
 
@@ -169,7 +179,7 @@ def _close(opened: OpenSpan, error: BaseException | None) -> None:
     _state.stack.pop()
     record = SpanRecord(
         name=opened.name, data=opened.data, started=opened.started, duration=duration, cpu_time=cpu_time,
-        peak_memory=None if host is None else max(host, opened.host_seen),
+        peak_memory=None if host is None or not _state.resettable else max(host, opened.host_seen),
         peak_gpu_memory=None if gpu is None else max(gpu, opened.gpu_seen),
         failed=error is not None,
         error=None if error is None else f"{type(error).__name__}: {error}"[:500],
@@ -191,6 +201,7 @@ def begin_phase() -> None:
     _state.finished = []
     _state.host_seen = 0
     _state.reserved_seen = 0
+    _state.resettable = True
 
 
 def end_phase() -> tuple[list[SpanRecord], int, int]:

@@ -69,8 +69,10 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def finished_twice(run_dir: Path) -> list[str]:
-    """Tasks that reached FINISHED more than once: work done twice (never expected)."""
-    counts = Counter(e["task"] for e in read_events(run_dir) if e.get("status") == "FINISHED")
+    """Tasks that reached FINISHED more than once: work done twice (never expected). A speculative copy's
+    FINISHED is the same work's race, not a second run of it."""
+    counts = Counter(e["task"] for e in read_events(run_dir)
+                     if e.get("status") == "FINISHED" and not e.get("speculative"))
     return sorted(task for task, n in counts.items() if n > 1)
 
 

@@ -583,9 +583,11 @@ class Federation:
                           device=record.device)
         reason = "its update breaks the federated contract; retrying would not change it"
         broken = record.model_copy(update={"status": TaskStatus.FAILED, "error": error, "reason": reason})
-        if broken.history:
-            last = broken.history[-1].model_copy(update={"status": TaskStatus.EXCEPTION, "error": error})
-            broken.history = [*broken.history[:-1], last]
+        finished = [i for i, a in enumerate(broken.history) if a.status is TaskStatus.FINISHED]
+        at = finished[-1] if finished else len(broken.history) - 1  # not a speculative copy that lost after it
+        if at >= 0:
+            entry = broken.history[at].model_copy(update={"status": TaskStatus.EXCEPTION, "error": error})
+            broken.history = [*broken.history[:at], entry, *broken.history[at + 1:]]
         if session.run_dir is not None:
             session.run_dir.write_record(broken)
             session.run_dir.event(task=record.task_id, attempt=record.attempts, status="FAILED",

@@ -214,6 +214,8 @@ class SharedSupervisor:
         self.inbox: list[_Batch] = []
         self.pending: list[_Batch] = []
         self.ended: list[str] = []       # runs done: their parked processes may go
+        self.running = 0                 # run threads not yet done (counted down before their last nudge)
+        self.broken: BaseException | None = None   # the loop failed: nothing more is taken in
 
     @contextmanager
     def session(self, namespace: str, path: Path) -> Iterator[RunShare]:
@@ -228,6 +230,10 @@ class SharedSupervisor:
 
     def hand_in(self, batch: _Batch) -> list[TaskRecord]:
         with self.lock:
+            if self.broken is not None:
+                raise RuntimeError(f"the sweep's scheduler stopped: {self.broken!r}")
+            if self.scheduler.stop_signal is not None:
+                raise RunInterrupted(self.scheduler.stop_signal, [])
             self.inbox.append(batch)
         self.scheduler.runtime.nudge()  # type: ignore[attr-defined]
         batch.done.wait()
@@ -238,12 +244,20 @@ class SharedSupervisor:
             raise RunInterrupted(self.scheduler.stop_signal, batch.records)
         return batch.records
 
-    def loop(self, busy: Callable[[], bool]) -> None:
-        """Run the scheduler until ``busy()`` is false and nothing is handed in or under way."""
+    def run_ended(self) -> None:
+        """A run's thread is done: counted down first, then the loop woken, so that it sees the count."""
+        with self.lock:
+            self.running -= 1
+        self.scheduler.runtime.nudge()  # type: ignore[attr-defined]
+
+    def loop(self) -> None:
+        """Run the scheduler until every run's thread is done and nothing is handed in or under way."""
         try:
             while True:
                 self._take_in()
-                if not (busy() or self.pending or self.scheduler.procs):
+                with self.lock:
+                    busy = self.running > 0 or bool(self.inbox)
+                if not (busy or self.pending or self.scheduler.procs):
                     return
                 self.scheduler.step()
                 self._hand_back()
@@ -258,6 +272,10 @@ class SharedSupervisor:
         for namespace in ended:
             self.scheduler.let_go(namespace)
         for batch in batches:
+            if self.scheduler.stop_signal is not None:  # nothing new is admitted after a stop: hand it back
+                batch.records = []
+                batch.done.set()
+                continue
             try:
                 batch.handles = self.scheduler.submit(batch.jobs)
             except Exception as exc:  # noqa: BLE001 - the run's own mistake: its thread raises it
@@ -279,6 +297,7 @@ class SharedSupervisor:
 
     def _fail_all(self, exc: BaseException) -> None:
         with self.lock:
+            self.broken = exc
             batches, self.inbox = self.inbox + self.pending, []
         self.pending = []
         for batch in batches:
@@ -334,6 +353,7 @@ def run_sweep(sweep: Sweep, resume: bool = False,
     try:
         with supervisor.session([f.first_client for f in feds.values()]) as session:
             shared = SharedSupervisor(session.scheduler)
+            shared.running = len(todo)
             for outcome in todo:
                 federation = feds[id(outcome)]
                 federation.sessions = _shares(shared, outcome.run)
@@ -342,7 +362,7 @@ def run_sweep(sweep: Sweep, resume: bool = False,
                 threads.append(thread)
                 outcome.status = "running"
                 thread.start()
-            shared.loop(lambda: any(t.is_alive() for t in threads))
+            shared.loop()
     finally:
         for thread in threads:
             thread.join()
@@ -371,7 +391,7 @@ def _drive(federation: Federation, outcome: RunOutcome, resume: bool, shared: Sh
         outcome.status, outcome.error = "failed", f"{type(exc).__name__}: {exc}"
         log.warning("sweep run %s failed: %s", outcome.run.name, outcome.error)
     finally:
-        shared.scheduler.runtime.nudge()  # type: ignore[attr-defined]
+        shared.run_ended()
 
 
 def _federation(sweep: Sweep, outcome: RunOutcome, on_event: Callable[[RunOutcome, dict[str, Any]], None] | None,

@@ -21,6 +21,8 @@ import importlib.util
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 EXTRAS = {"tensorboard": ("tensorboard", "fedsup[tensorboard]"), "mlflow": ("mlflow", "fedsup[mlflow]")}
 STATE_FILE = "tracking.json"   # in the run directory: the MLflow run id and the last round each tracker has
+RETRY_FIRST, RETRY_MAX = 5.0, 120.0   # s: a failing tracker is asked again after this back-off, doubling
+_STORES = threading.Lock()
 
 
 def missing_extra(name: str) -> str | None:
@@ -68,6 +72,8 @@ class _Tracker:
         self.run_dir = run_dir
         self.backlog: list[tuple[str, Callable[[], None]]] = []
         self.failing = False
+        self.retry_at = 0.0       # while failing: not asked again before this (monotonic), so a tracker that
+        self.delay = RETRY_FIRST  # is down costs the run one try per back-off, not one per round
 
     @property
     def last_round(self) -> int:
@@ -85,8 +91,12 @@ class _Tracker:
     def send_round(self, result: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def call(self, what: str, action: Callable[[], None]) -> None:
+    def call(self, what: str, action: Callable[[], None], force: bool = False) -> None:
+        """Do ``action`` after whatever the tracker missed, in order; ``force``: try now even while backing off
+        (the run's end)."""
         self.backlog.append((what, action))
+        if self.failing and not force and time.monotonic() < self.retry_at:
+            return
         while self.backlog:
             label, pending = self.backlog[0]
             try:
@@ -96,11 +106,14 @@ class _Tracker:
                     log.warning("%s: %s failed (%s: %s); the run goes on, and what it misses is sent when it "
                                 "answers again", self.name, label, type(exc).__name__, exc)
                 self.failing = True
+                self.retry_at = time.monotonic() + self.delay
+                self.delay = min(2 * self.delay, RETRY_MAX)
                 return
             self.backlog.pop(0)
             if self.failing:
                 log.warning("%s: answering again; sent %s, which it had missed", self.name, label)
                 self.failing = bool(self.backlog)
+                self.delay = RETRY_FIRST
 
     def missed(self) -> list[str]:
         return [label for label, _ in self.backlog]
@@ -122,7 +135,7 @@ class TensorBoard(_Tracker):
         self.writer.flush()
 
     def end(self, summary: dict[str, Any], report: Path | None) -> None:
-        self.call("the end of the run", self.writer.close)
+        self.call("the end of the run", self.writer.close, force=True)
 
 
 class Mlflow(_Tracker):
@@ -130,30 +143,43 @@ class Mlflow(_Tracker):
 
     def __init__(self, uri: str, experiment: str, run_dir: Path, params: dict[str, str]) -> None:
         super().__init__(run_dir)
-        import mlflow
-
+        # a server that is gone: one quick try per back-off, not MLflow's minutes of retries per call
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, artifacts = store_uri(uri)
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        self.client: Any = None
         self.run_id: str | None = None
         self.call("the run's start", lambda: self._start(experiment, artifacts, params))
 
     def _start(self, experiment: str, artifacts: str | None, params: dict[str, str]) -> None:
+        import mlflow
         from mlflow.entities import Param
 
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = (found.experiment_id if found is not None
-                         else self.client.create_experiment(experiment, artifact_location=artifacts))
-        self.run_id = _state(self.run_dir).get("mlflow_run_id")
-        if self.run_id is None:
-            run = self.client.create_run(experiment_id, tags={"fedsup.run_dir": str(self.run_dir)},
-                                         run_name=self.run_dir.name)
-            self.run_id = run.info.run_id
-            _save_state(self.run_dir, mlflow_run_id=self.run_id)
-            items = [Param(k, v) for k, v in params.items()]
-            for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-                self.client.log_batch(self.run_id, params=items[start:start + 100])
-        else:
+        with _STORES:  # the runs of a sweep start together: one creates a new sqlite store's tables at a time
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = (found.experiment_id if found is not None
+                             else self.client.create_experiment(experiment, artifact_location=artifacts))
+        state = _state(self.run_dir)
+        self.run_id = state.get("mlflow_run_id") if state.get("mlflow_uri") == self.uri else None
+        if self.run_id is not None and self._exists(self.run_id):
             self.client.update_run(self.run_id, status="RUNNING")
+            return
+        run = self.client.create_run(experiment_id, tags={"fedsup.run_dir": str(self.run_dir)},
+                                     run_name=self.run_dir.name)
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(run.info.run_id, params=items[start:start + 100])
+        self.run_id = run.info.run_id
+        # a new run (or a new store) has taken no round yet: the resumed run's earlier rounds are caught up
+        _save_state(self.run_dir, mlflow_run_id=self.run_id, mlflow_uri=self.uri, mlflow_round=0)
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - a run the store does not know: a new one is made
+            return False
+        return True
 
     def send_round(self, result: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -171,7 +197,7 @@ class Mlflow(_Tracker):
                     self.client.log_artifact(self.run_id, str(path))
             status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(summary.get("status", ""), "FAILED")
             self.client.set_terminated(self.run_id, status=status)
-        self.call("the report and the final model", finish)
+        self.call("the report and the final model", finish, force=True)
 
 
 def store_uri(uri: str) -> tuple[str, str | None]:

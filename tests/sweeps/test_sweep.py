@@ -148,3 +148,36 @@ def _of_session(process: psutil.Process, session: int) -> bool:
         return os.getsid(process.pid) == session
     except (ProcessLookupError, PermissionError):
         return False
+
+
+@pytest.mark.timeout(400)
+def test_ctrl_c_stops_a_sweep_with_130_and_resume_finishes_it(tmp_path: Path) -> None:
+    announce, go = tmp_path / "announce", tmp_path / "go"
+    os.mkfifo(announce)
+    os.mkfifo(go)
+    holding = {"class": "fed_toys:HoldingClient",
+               "args": {"announce": str(announce), "go": str(go), "hold_round": 2, "hold_client": 1}}
+    plain = {"class": "fed_toys:HoldingClient", "args": {}}
+    base = {**base_config(plain, rounds=4), "supervisor": {"devices": "cpu", "max_retries": 0, "grace_period": 1}}
+    path = write(tmp_path, base, {"name": "stopped", "seeds": [0, 1],
+                                  "runs": [{"name": "held", "set": [f"task={json.dumps(holding)}"]},
+                                           {"name": "free", "set": [f"task={json.dumps(plain)}"]}]})
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    process = subprocess.Popen(_sweep_command(path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        with open(announce) as said:  # mid-way: a held client of round 2 is training, the other runs go on
+            said.readline()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err[-3000:]
+    psutil.wait_procs([p for p in psutil.process_iter() if _of_session(p, process.pid)], timeout=60)
+    assert not [p for p in psutil.process_iter() if _of_session(p, process.pid)], "a process of the sweep was left"
+    resumed = subprocess.run(_sweep_command(path, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "sweep-summary.json").read_text())
+    assert summary["finished"] and {r["status"] for r in summary["runs"]} <= {"finished", "skipped"}
