@@ -29,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 POOL_TARGET, PFL_TARGET = 1.10, 1.2
 VARIANTS = ("fedsup", "pool2", "inprocess")
 PFL_PY = HERE / ".pfl-venv" / "bin" / "python"   # bash bench/setup_pfl.sh
+FLOWER_PY = HERE / ".flower-venv" / "bin" / "python"   # bash bench/setup_flower.sh
+FLOWER_TARGET = 1.0  # fedsup faster than Flower
 
 
 def plan(clients: int, rounds: int, per_round: int) -> dict[int, list[int]]:
@@ -100,13 +102,18 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def measure_pfl(args: argparse.Namespace) -> dict[str, Any]:
     """bench/pfl_peer.py in pfl's venv, on the same rounds' clients."""
+    return measure_peer(PFL_PY, "pfl_peer.py", args, [])
+
+
+def measure_peer(python: Path, script: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    """A peer's script in its own venv, on the same rounds' clients; its one BENCH_JSON line."""
     rounds = json.dumps({str(r): ids for r, ids in plan(args.clients, args.rounds, args.per_round).items()})
-    command = [str(PFL_PY), str(HERE / "pfl_peer.py"), "--clients", str(args.clients), "--rounds", str(args.rounds),
-               "--per-round", str(args.per_round), "--plan", rounds]
+    command = [str(python), str(HERE / script), "--clients", str(args.clients), "--rounds", str(args.rounds),
+               "--per-round", str(args.per_round), "--plan", rounds, *extra]
     done = subprocess.run(command, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith(common.MARK)), None)
     if done.returncode != 0 or line is None:
-        raise RuntimeError(f"pfl failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{script} failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(line[len(common.MARK):]))
 
 
@@ -122,12 +129,18 @@ def main() -> int:
     started = time.perf_counter()
     results = {v: measure(v, args) for v in VARIANTS}
     pfl = measure_pfl(args) if PFL_PY.exists() else None
+    flower = measure_peer(FLOWER_PY, "flower_peer.py", args, ["--workload", "cifar"]) if FLOWER_PY.exists() else None
     reference = results["inprocess"]["fingerprint"]
     print(f"{args.clients} clients of 50 images, {args.rounds} rounds of {args.per_round}, small CNN, batch 10")
     print(f"{'variant':<10} {'wall s':>8} {'/pool2':>7}  model")
     for variant, result in results.items():
         same = "= inprocess" if result["fingerprint"] == reference else "DIFFERS from inprocess"
         print(f"{variant:<10} {result['wall']:8.2f} {result['wall'] / results['pool2']['wall']:6.2f}x  {same}")
+    if flower is not None:
+        same = "= inprocess" if flower["fingerprint"] == reference else "DIFFERS from inprocess"
+        print(f"{'flower':<10} {flower['wall']:8.2f} {flower['wall'] / results['pool2']['wall']:6.2f}x  {same}")
+    else:
+        print("flower: bench/.flower-venv missing (bash bench/setup_flower.sh): not run")
     if pfl is not None:
         print(f"{'pfl 0.6':<10} {pfl['wall']:8.2f} {pfl['wall'] / results['pool2']['wall']:6.2f}x  its own local "
               "loop and aggregation: not compared")
@@ -135,6 +148,9 @@ def main() -> int:
         print("pfl: bench/.pfl-venv missing (bash bench/setup_pfl.sh): not run")
     ratio = results["fedsup"]["wall"] / results["pool2"]["wall"]
     print(f"\nfedsup / pool2 {ratio:.2f}  target <= {POOL_TARGET}  {common.verdict(ratio <= POOL_TARGET)}")
+    if flower is not None:
+        vs_flower = results["fedsup"]["wall"] / flower["wall"]
+        print(f"fedsup / flower {vs_flower:.2f}  target < {FLOWER_TARGET}  {common.verdict(vs_flower < FLOWER_TARGET)}")
     if pfl is not None:
         vs_pfl = results["fedsup"]["wall"] / pfl["wall"]
         print(f"fedsup / pfl   {vs_pfl:.2f}  target <= {PFL_TARGET}   {common.verdict(vs_pfl <= PFL_TARGET)}")

@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))  # fl_clients; Flower hands sys.path to its Ray wo
 MARK = "BENCH_JSON "
 T_IMPORT0 = time.perf_counter()
 
+import cifar_clients  # noqa: E402
 import fl_clients  # noqa: E402
 import flwr  # noqa: E402
 import numpy  # noqa: E402,F401 - imported before the timer, as any user script would
@@ -57,6 +58,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 IMPORTS = time.perf_counter() - T_IMPORT0
+WORKLOADS = {"mlp": fl_clients, "cifar": cifar_clients}  # the client's data, model and training (--workload)
 
 # ---------------------------------------------------------------- the client
 
@@ -67,9 +69,14 @@ client_app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cid, round_ = int(config["client-id"]), int(config["server-round"])
+    work = WORKLOADS[str(config["workload"])]
+    if work is cifar_clients:
+        # one thread, as the other variants pin it (num_cpus=1 leaves torch's own count, which changes the
+        # convolutions' last bits)
+        torch.set_num_threads(1)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    x, y = fl_clients.make_data(cid)
-    out = fl_clients.train_client(cid, round_, global_state, x, y)
+    x, y = work.make_data(cid)
+    out = work.train_client(cid, round_, global_state, x, y)
     metrics = MetricRecord({"num-examples": out["num_examples"], "loss": out["loss"], "client-id": cid,
                             "train-started": out["train_started"], "train-ended": out["train_ended"],
                             "threads": torch.get_num_threads(),
@@ -83,10 +90,10 @@ def train(msg: Message, context: Context) -> Message:
 class BenchFedAvg(FedAvg):
     """FedAvg that trains the planned client ids each round and averages in float64 (see the docstring)."""
 
-    def __init__(self, plan: dict[int, list[int]], clients: int) -> None:
+    def __init__(self, plan: dict[int, list[int]], clients: int, workload: str = "mlp") -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=clients)
-        self.plan, self.clients = plan, clients
-        self.current = fl_clients.initial_state()  # the global model, as torch tensors
+        self.plan, self.clients, self.workload = plan, clients, workload
+        self.current = WORKLOADS[workload].initial_state()  # the global model, as torch tensors
         self.train_started: list[float] = []
         self.train_ended: list[float] = []
         self.pids: set[int] = set()
@@ -100,7 +107,7 @@ class BenchFedAvg(FedAvg):
         nodes = sorted(all_nodes)
         messages = []
         for cid in self.plan[server_round]:
-            cfg = ConfigRecord({"server-round": server_round, "client-id": cid})
+            cfg = ConfigRecord({"server-round": server_round, "client-id": cid, "workload": self.workload})
             messages.append(Message(RecordDict({"arrays": arrays, "config": cfg}), message_type="train",
                                     dst_node_id=nodes[cid]))
         return messages
@@ -131,12 +138,12 @@ class BenchFedAvg(FedAvg):
 RESULT: dict[str, Any] = {}
 
 
-def make_server_app(plan: dict[int, list[int]], clients: int, rounds: int) -> ServerApp:
+def make_server_app(plan: dict[int, list[int]], clients: int, rounds: int, workload: str = "mlp") -> ServerApp:
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = BenchFedAvg(plan, clients)
+        strategy = BenchFedAvg(plan, clients, workload)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(strategy.current), num_rounds=rounds)
         RESULT.update(final=strategy.current, train_started=strategy.train_started, train_ended=strategy.train_ended,
                       pids=sorted(strategy.pids),
@@ -153,6 +160,8 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=None)
     parser.add_argument("--plan", default=None, help="JSON {round: [client ids]}; default: every client")
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="mlp",
+                        help="the MLP clients of compare.py, or the CNN clients of bench/cifar.py")
     args = parser.parse_args()
     if args.plan:
         plan = {int(r): list(ids) for r, ids in json.loads(args.plan).items()}
@@ -161,7 +170,7 @@ def main() -> int:
     if sorted(plan) != list(range(1, args.rounds + 1)):
         parser.error(f"--plan must name rounds 1..{args.rounds}")
 
-    server_app = make_server_app(plan, args.clients, args.rounds)
+    server_app = make_server_app(plan, args.clients, args.rounds, args.workload)
     backend_config = {"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0}}
     t0_epoch, t0 = time.time(), time.perf_counter()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=args.clients,
