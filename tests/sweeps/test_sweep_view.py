@@ -4,17 +4,12 @@ finished round of each run."""
 from __future__ import annotations
 
 import os
-import pty
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ui"))
-from test_live import screen_of  # noqa: E402
+from terminal import run_on_terminal
 
 SCRIPT = str(Path(sys.executable).parent / "fedsup")
 
@@ -27,33 +22,8 @@ def test_a_sweep_on_a_terminal_shows_its_runs_and_their_rounds(tmp_path: Path) -
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "view", "base": "base.yaml", "seeds": [0, 1],
                                                          "output": str(tmp_path / "out")}))
-    master, slave = pty.openpty()
-    env = {**os.environ, "COLUMNS": "120", "LINES": "40"}
-    process = subprocess.Popen([SCRIPT, "sweep", str(tmp_path / "sweep.yaml")], stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    chunks: list[bytes] = []
-
-    def read_all() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the other side is closed
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=read_all)
-    reader.start()
-    try:
-        assert process.wait(timeout=150) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(timeout=60)
-        os.close(master)
-    screen = screen_of(b"".join(chunks).decode(errors="replace"), 120)
+    code, screen = run_on_terminal([SCRIPT, "sweep", str(tmp_path / "sweep.yaml")], dict(os.environ), 150)
+    assert code == 0
     text = "\n".join(screen)
     headers = [line for line in screen if line.startswith("fedsup sweep:")]
     assert len(headers) == 1, text

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from rich.console import Console
+from terminal import run_on_terminal
 
 from fedsup.engine.states import TaskStatus
 from fedsup.ui.live import LiveView, job_counts
@@ -108,45 +108,8 @@ def test_the_panel_on_a_cluster_reads_the_driver() -> None:
 # -- a real run on a terminal
 
 
-def screen_of(stream: str, width: int) -> list[str]:
-    """The screen a terminal shows after ``stream``, for what rich's live display sends: text, CR, LF, cursor
-    up/down, erase line, and SGR and mode sequences (ignored)."""
-    rows: list[list[str]] = [[]]
-    row = col = 0
-    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[^\[]|\r|\n|[^\x1b\r\n]", stream):
-        if token == "\r":
-            col = 0
-        elif token == "\n":
-            row, col = row + 1, 0
-        elif token.startswith("\x1b["):
-            count = int(re.sub(r"\D", "", token) or 1)
-            if token.endswith("A"):
-                row = max(0, row - count)
-            elif token.endswith("B"):
-                row += count
-            elif token.endswith("K"):
-                rows[row][:] = [] if "2" in token else rows[row][:col]
-            continue
-        elif token.startswith("\x1b"):
-            continue
-        else:
-            if col >= width:
-                row, col = row + 1, 0
-            while len(rows) <= row:
-                rows.append([])
-            line = rows[row]
-            line.extend(" " * (col - len(line) + 1))
-            line[col] = token
-            col += 1
-        while len(rows) <= row:
-            rows.append([])
-    return ["".join(r).rstrip() for r in rows]
-
-
 @pytest.mark.timeout(240)
 def test_ctrl_c_leaves_one_panel_on_the_terminal(tmp_path: Path) -> None:
-    import pty
-
     announce, go = tmp_path / "announce", tmp_path / "go"
     os.mkfifo(announce)
     os.mkfifo(go)
@@ -157,37 +120,15 @@ def test_ctrl_c_leaves_one_panel_on_the_terminal(tmp_path: Path) -> None:
             "supervisor": {"devices": "cpu", "max_retries": 0, "grace_period": 1}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(data))
-    master, slave = pty.openpty()
-    env = {**os.environ, "COLUMNS": "120", "LINES": "40",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([SCRIPT, "run", str(path)], stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    chunks: list[bytes] = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
-    def read_all() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: every holder of the terminal's other side has closed it
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=read_all)
-    reader.start()
-    try:
+    def interrupt_mid_round(process: subprocess.Popen[bytes]) -> None:
         with open(announce) as said:  # the held client of round 2 is training now
             said.readline()
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 130
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(timeout=60)
-        os.close(master)
-    screen = screen_of(b"".join(chunks).decode(errors="replace"), 120)
+
+    code, screen = run_on_terminal([SCRIPT, "run", str(path)], env, 120, interrupt_mid_round)
+    assert code == 130
     headers = [line for line in screen if line.startswith("fedsup live")]
     assert len(headers) == 1, "\n".join(screen)
     assert any(line.startswith("round 1/3:") and line.endswith("eval -") for line in screen), "\n".join(screen)
