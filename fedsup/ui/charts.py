@@ -435,16 +435,20 @@ def render_metrics(run: RunData) -> str:
     return svg("metrics", WIDTH, rows * (PANEL_H + 20) - 20, body, "metrics per round")
 
 
-def _panel(name: str, series: dict[str, list[tuple[float, float]]], x: float, y: float) -> str:
-    points = [p for values in series.values() for p in values]
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+def panel_frame(title: str, xs: list[float], ys: list[float], x: float, y: float) -> tuple[Scale, Scale, list[str]]:
+    """A per-round panel at (x, y) that holds these rounds and values: its scales, and its frame, title and axes."""
     pad = (max(ys) - min(ys)) * 0.08 or abs(max(ys)) * 0.1 or 1.0
     yticks = nice_ticks(min(ys) - pad, max(ys) + pad, 5, cover=True)
     sx = Scale(min(xs), max(max(xs), min(xs) + 1), x + 56, x + PANEL_W - 12)
     sy = Scale(yticks[0], yticks[-1], y + PANEL_H - 34, y + 30)
     parts = [rect(x + 0.5, y + 0.5, PANEL_W - 1, PANEL_H - 1, "#ffffff", ' class="panel"'),
-             text(x + 12, y + 19, name, "panel-title")]
-    parts += panel_axes(sx, sy, yticks, y)
+             text(x + 12, y + 19, title, "panel-title")]
+    return sx, sy, parts + panel_axes(sx, sy, yticks, y)
+
+
+def _panel(name: str, series: dict[str, list[tuple[float, float]]], x: float, y: float) -> str:
+    points = [p for values in series.values() for p in values]
+    sx, sy, parts = panel_frame(name, [p[0] for p in points], [p[1] for p in points], x, y)
     legend_x = x + PANEL_W - 12
     for role, values in reversed(series.items()):
         parts.append(_series(f"{role} {name}" if role != "duration" else name, values, sx, sy, _role_colour(role)))

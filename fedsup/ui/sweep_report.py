@@ -26,14 +26,10 @@ from fedsup.ui.charts import (
     PANEL_H,
     PANEL_W,
     WIDTH,
-    Scale,
     esc,
-    nice_ticks,
     num,
-    panel_axes,
-    rect,
+    panel_frame,
     svg,
-    text,
 )
 from fedsup.ui.digest import fmt_value, is_number, round_metrics
 
@@ -216,16 +212,9 @@ def _panel(metric: str, rows: list[ConfigRow], colours: dict[str, str], x: float
     stats = _stats(rows, metric)
     if not stats:
         return ""
-    lows = [m - s for pts in stats.values() for _, m, s in pts]
-    highs = [m + s for pts in stats.values() for _, m, s in pts]
-    rounds = [n for pts in stats.values() for n, _, _ in pts]
-    pad = (max(highs) - min(lows)) * 0.08 or abs(max(highs)) * 0.1 or 1.0
-    yticks = nice_ticks(min(lows) - pad, max(highs) + pad, 5, cover=True)
-    sx = Scale(min(rounds), max(max(rounds), min(rounds) + 1), x + 56, x + PANEL_W - 12)
-    sy = Scale(yticks[0], yticks[-1], y + PANEL_H - 34, y + 30)
-    parts = [rect(x + 0.5, y + 0.5, PANEL_W - 1, PANEL_H - 1, "#ffffff", ' class="panel"'),
-             text(x + 12, y + 19, metric, "panel-title")]
-    parts += panel_axes(sx, sy, yticks, y)
+    bounds = [m + side * s for pts in stats.values() for _, m, s in pts for side in (-1, 1)]  # the bands' edges
+    rounds = [float(n) for pts in stats.values() for n, _, _ in pts]
+    sx, sy, parts = panel_frame(metric, rounds, bounds, x, y)
     for config, points in stats.items():
         colour = colours[config]
         upper = " ".join(f"{num(sx(n))},{num(sy(m + s))}" for n, m, s in points)
