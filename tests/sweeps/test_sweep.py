@@ -104,20 +104,29 @@ def _sweep_command(path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedsup", "sweep", str(path), *extra]
 
 
-@pytest.mark.timeout(400)
-def test_a_sweep_killed_mid_way_resumes_and_every_run_ends_as_it_would_have(tmp_path: Path) -> None:
+PLAIN = {"class": "fed_toys:HoldingClient", "args": {}}
+
+
+def held_runs(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """A ``held`` run whose client 1 of round 2 announces itself on a FIFO and waits, beside a ``free`` one:
+    the FIFO to read, and the sweep's runs."""
     announce, go = tmp_path / "announce", tmp_path / "go"
     os.mkfifo(announce)
     os.mkfifo(go)
     holding = {"class": "fed_toys:HoldingClient",
                "args": {"announce": str(announce), "go": str(go), "hold_round": 2, "hold_client": 1}}
-    plain = {"class": "fed_toys:HoldingClient", "args": {}}
-    sweep = {"name": "killed", "seeds": [0, 1], "runs": [{"name": "held", "set": [f"task={json.dumps(holding)}"]},
-                                                         {"name": "free", "set": [f"task={json.dumps(plain)}"]}]}
-    path = write(tmp_path / "killed", base_config(plain, rounds=4), sweep)
-    reference = write(tmp_path / "reference", base_config(plain, rounds=4),
-                      {**sweep, "runs": [{"name": "held", "set": [f"task={json.dumps(plain)}"]},
-                                         {"name": "free", "set": [f"task={json.dumps(plain)}"]}]})
+    return announce, [{"name": "held", "set": [f"task={json.dumps(holding)}"]},
+                      {"name": "free", "set": [f"task={json.dumps(PLAIN)}"]}]
+
+
+@pytest.mark.timeout(400)
+def test_a_sweep_killed_mid_way_resumes_and_every_run_ends_as_it_would_have(tmp_path: Path) -> None:
+    announce, runs = held_runs(tmp_path)
+    sweep = {"name": "killed", "seeds": [0, 1], "runs": runs}
+    path = write(tmp_path / "killed", base_config(PLAIN, rounds=4), sweep)
+    reference = write(tmp_path / "reference", base_config(PLAIN, rounds=4),
+                      {**sweep, "runs": [{"name": "held", "set": [f"task={json.dumps(PLAIN)}"]},
+                                         {"name": "free", "set": [f"task={json.dumps(PLAIN)}"]}]})
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     process = subprocess.Popen(_sweep_command(path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
@@ -152,16 +161,9 @@ def _of_session(process: psutil.Process, session: int) -> bool:
 
 @pytest.mark.timeout(400)
 def test_ctrl_c_stops_a_sweep_with_130_and_resume_finishes_it(tmp_path: Path) -> None:
-    announce, go = tmp_path / "announce", tmp_path / "go"
-    os.mkfifo(announce)
-    os.mkfifo(go)
-    holding = {"class": "fed_toys:HoldingClient",
-               "args": {"announce": str(announce), "go": str(go), "hold_round": 2, "hold_client": 1}}
-    plain = {"class": "fed_toys:HoldingClient", "args": {}}
-    base = {**base_config(plain, rounds=4), "supervisor": {"devices": "cpu", "max_retries": 0, "grace_period": 1}}
-    path = write(tmp_path, base, {"name": "stopped", "seeds": [0, 1],
-                                  "runs": [{"name": "held", "set": [f"task={json.dumps(holding)}"]},
-                                           {"name": "free", "set": [f"task={json.dumps(plain)}"]}]})
+    announce, runs = held_runs(tmp_path)
+    base = {**base_config(PLAIN, rounds=4), "supervisor": {"devices": "cpu", "max_retries": 0, "grace_period": 1}}
+    path = write(tmp_path, base, {"name": "stopped", "seeds": [0, 1], "runs": runs})
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     process = subprocess.Popen(_sweep_command(path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
