@@ -40,10 +40,11 @@ def initial_state() -> State:
 
 
 def train_client(client_id: int, round_: int, global_state: State, x: torch.Tensor, y: torch.Tensor,
-                 model: torch.nn.Module | None = None) -> dict[str, Any]:
+                 model: torch.nn.Module | None = None, device: str = "cpu") -> dict[str, Any]:
     started = time.time()
-    model = model if model is not None else make_model()
+    model = (model if model is not None else make_model()).to(device)
     model.load_state_dict(global_state)
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(client_id * 1_000 + round_))
     total = 0.0
@@ -67,24 +68,9 @@ def __getattr__(name: str) -> Any:
     # the fedsup client is made on first use, so that the pool and in-process variants never import fedsup
     if name != "CNNClient":
         raise AttributeError(name)
-    import fedsup
+    import sys
 
-    class CNNClient(fedsup.Task):
-        def __init__(self, client_id: int, **options: Any) -> None:
-            super().__init__(f"client-{client_id}", **options)
-            self.client_id = client_id
+    from fl_clients import client_class
 
-        def load(self) -> None:
-            self.x, self.y = make_data(self.client_id)
-            self.model = make_model()
-
-        def initial_state(self) -> State:
-            return initial_state()
-
-        def train(self, device: str) -> dict[str, Any]:
-            return train_client(self.client_id, self.round, self.global_state, self.x, self.y, self.model)
-
-    CNNClient.__module__ = __name__
-    CNNClient.__qualname__ = "CNNClient"
-    globals()["CNNClient"] = CNNClient
-    return CNNClient
+    globals()[name] = client_class(name, sys.modules[__name__])
+    return globals()[name]

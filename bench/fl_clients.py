@@ -20,9 +20,11 @@ installed: the fedsup tasks at the bottom are defined on first use, and only the
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from functools import lru_cache
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -134,27 +136,38 @@ def noop_job(i: int) -> dict[str, Any]:
 _FEDSUP_TASKS = ("MLPClient", "NoopTask")
 
 
-def _define_fedsup_tasks() -> None:
+def client_class(name: str, work: ModuleType) -> type:
+    """A fedsup client of the workload in module ``work`` (its make_data, make_model, initial_state and
+    train_client): data and model built in load(), one epoch from the global model in train(). Named ``name``
+    in ``work``, where pickle and fedsup's config loader find it."""
     import fedsup
 
-    class MLPClient(fedsup.Task):
-        """One federated client: data and model built in load(), one epoch from the global model in train()."""
-
+    class Client(fedsup.Task):
         def __init__(self, client_id: int, **options: Any) -> None:
             super().__init__(f"client-{client_id}", **options)
             self.client_id = client_id
 
         def load(self) -> None:
-            self.x, self.y = make_data(self.client_id)
-            self.model = make_model()
+            self.x, self.y = work.make_data(self.client_id)
+            self.model = work.make_model()
 
         def initial_state(self) -> State:
-            return initial_state()
+            return work.initial_state()
 
         def train(self, device: str) -> dict[str, Any]:
             assert self.global_state is not None
-            return train_client(self.client_id, self.round, self.global_state, self.x, self.y, self.model,
-                                device)
+            return work.train_client(self.client_id, self.round, self.global_state, self.x, self.y, self.model,
+                                     device)
+
+    Client.__name__ = Client.__qualname__ = name
+    Client.__module__ = work.__name__
+    return Client
+
+
+def _define_fedsup_tasks() -> None:
+    import fedsup
+
+    MLPClient = client_class("MLPClient", sys.modules[__name__])  # noqa: N806 - a class
 
     class NoopTask(fedsup.Task):
         """load() and train() do nothing but note the time: what is left is the supervisor's own cost."""
