@@ -49,7 +49,7 @@ from fedsup.engine.scheduler import Job, Scheduler
 from fedsup.engine.states import OUTCOMES
 from fedsup.engine.supervisor import Supervisor
 from fedsup.engine.task import Task
-from fedsup.federated.config import ConfigProblems, load_config
+from fedsup.federated.config import ConfigProblems, RunConfig, load_config
 from fedsup.federated.problems import parse_yaml
 from fedsup.federated.rounds import Federation
 from fedsup.federated.runner import build_spec
@@ -90,6 +90,7 @@ class SweepRun:
     seed: int
     overrides: list[str]        # --set strings, the seed's and the output's included
     path: Path
+    checked: RunConfig | None = field(default=None, repr=False)  # its config, loaded once when the sweep is read
 
     @property
     def name(self) -> str:
@@ -154,9 +155,10 @@ def _configs(source: Path, config: SweepConfig) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = []
     for index, variant in enumerate(variants):
         for combo in combos:
-            sets = [*variant.set, *(f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo, strict=True))]
+            values = [_yaml_value(v) for v in combo]
+            sets = [*variant.set, *(f"{k}={v}" for k, v in zip(keys, values, strict=True))]
             parts = ([variant.name] if variant.name else ([] if len(variants) == 1 else [f"run{index}"]))
-            parts += [f"{k.rsplit('.', 1)[-1]}-{_yaml_value(v)}" for k, v in zip(keys, combo, strict=True)]
+            parts += [f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in zip(keys, values, strict=True)]
             out.append((_safe("_".join(parts) or "base"), sets))
     names = [name for name, _ in out]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -179,10 +181,10 @@ def _check_runs(sweep: Sweep, extra: list[str]) -> None:
     for run in sweep.runs:
         run.overrides = [*extra, *run.overrides]
         try:
-            config = load_config(sweep.base, [*run.overrides, f"output={run.path}"])
+            run.checked = load_config(sweep.base, [*run.overrides, f"output={run.path}"])
         except ConfigProblems as exc:
             raise ConfigError(f"{sweep.source}: run {run.name}: {exc}") from None
-        supervisor = config.supervisor.model_dump(mode="json")
+        supervisor = run.checked.supervisor.model_dump(mode="json")
         if shared is None:
             shared = (run.name, supervisor)
         elif supervisor != shared[1]:
@@ -396,8 +398,8 @@ def _drive(federation: Federation, outcome: RunOutcome, resume: bool, shared: Sh
 
 def _federation(sweep: Sweep, outcome: RunOutcome, on_event: Callable[[RunOutcome, dict[str, Any]], None] | None,
                 report: Callable[[Path], Path] | None) -> Federation:
-    run = outcome.run
-    config = load_config(sweep.base, [*run.overrides, f"output={run.path}"])
+    config = outcome.run.checked
+    assert config is not None, "load_sweep checks every run's config"
     outcome.rounds = config.federation.rounds
 
     def events(event: dict[str, Any]) -> None:
