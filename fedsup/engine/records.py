@@ -99,20 +99,20 @@ class AttemptRecord(_Record):
     error: ErrorInfo | None = None
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
     """Results are user data: keep what JSON can hold, describe the rest (tensors by shape and dtype)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     shape = getattr(value, "shape", None)
     if shape is not None and hasattr(value, "dtype"):
         if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-            return _jsonable(value.item())
+            return to_jsonable(value.item())
         return f"<{type(value).__name__} shape={list(shape)} dtype={value.dtype}>"
     return repr(value)
 
@@ -151,7 +151,7 @@ class TaskRecord(_Record):
 
     @field_serializer("result")
     def _serialize_result(self, value: Any) -> Any:
-        return _jsonable(value)
+        return to_jsonable(value)
 
     @property
     def ok(self) -> bool:

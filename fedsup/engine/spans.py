@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsup.engine.records import SpanRecord
+from fedsup.engine.records import SpanRecord, to_jsonable
 
 _KIB = 1024
 
@@ -140,25 +140,13 @@ def _hand_over() -> None:
         cuda.reset_peak_memory_stats()
 
 
-def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
-        elif hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-            out[key] = value.item()  # a 0-d tensor or numpy scalar: its number
-        else:
-            out[key] = repr(value)
-    return out
-
-
 @contextmanager
 def span(name: str, **data: Any) -> Iterator[None]:
     """Measure the block as a span named ``name``, with ``data`` kept beside it."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"span: expected a non-empty name, got {name!r}")
     _hand_over()
-    opened = OpenSpan(name, _jsonable(data), time.time(), time.perf_counter(), _cpu())
+    opened = OpenSpan(name, to_jsonable(data), time.time(), time.perf_counter(), _cpu())
     _state.stack.append(opened)
     error: BaseException | None = None
     try:
