@@ -773,15 +773,20 @@ class Scheduler:
         median = self._median_train(handle.batch)
         return None if median is None else handle.train_began + after * median
 
+    def _may_speculate(self) -> bool:
+        """Copies only in a run that asks for them, is not stopping, and has nothing queued or waiting."""
+        return (self.policy.speculative_after is not None and self.stop_signal is None
+                and not self.ready and not self.waiting)
+
     def _speculation_times(self) -> list[float]:
-        if self.policy.speculative_after is None or self.stop_signal is not None or self.ready or self.waiting:
+        if not self._may_speculate():
             return []
         due = (self._straggler_due(h) for h in self.procs.values())
         return [t for t in due if t is not None]
 
     def _speculate(self) -> None:
         """Start a copy of each straggler, on a slot nothing queued wants (none is taken from real work)."""
-        if self.policy.speculative_after is None or self.stop_signal is not None or self.ready or self.waiting:
+        if not self._may_speculate():
             return
         now = self.runtime.now()
         for handle in list(self.procs.values()):
