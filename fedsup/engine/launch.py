@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -175,17 +175,23 @@ def cuda_problem() -> str | None:
 
 
 @contextmanager
-def devices_hidden() -> Iterator[None]:
-    """No GPU visible for a while: torch's CUDA checks (through NVML) find none and touch no driver."""
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+def environment(**values: str) -> Iterator[None]:
+    """These variables set for a while, then each as it was (or unset)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def devices_hidden() -> AbstractContextManager[None]:
+    """No GPU visible for a while: torch's CUDA checks (through NVML) find none and touch no driver."""
+    return environment(CUDA_VISIBLE_DEVICES="")
 
 
 def guard_cuda_for_forking() -> None:
@@ -200,20 +206,9 @@ def guard_cuda_for_forking() -> None:
     os.environ[NVML_CUDA_CHECK] = "1"
 
 
-@contextmanager
-def _spawn_guarded() -> Iterator[None]:
+def _spawn_guarded() -> AbstractContextManager[None]:
     """While a server is spawned: the variable set for it, the user's value carried in another."""
-    user = os.environ.get(NVML_CUDA_CHECK)
-    os.environ[_USER_NVML_CHECK] = user or ""
-    os.environ[NVML_CUDA_CHECK] = "1"
-    try:
-        yield
-    finally:
-        del os.environ[_USER_NVML_CHECK]
-        if user is None:
-            os.environ.pop(NVML_CUDA_CHECK, None)
-        else:
-            os.environ[NVML_CUDA_CHECK] = user
+    return environment(**{_USER_NVML_CHECK: os.environ.get(NVML_CUDA_CHECK) or "", NVML_CUDA_CHECK: "1"})
 
 
 def restore_cuda_check() -> None:
