@@ -654,7 +654,8 @@ class Federation:
     def _finish_round(self, session: Session, result: RoundResult) -> None:
         """rounds.jsonl is the commit point of a round: after it, the round's updates are no longer needed."""
         result.jobs = _totals(self._current.values())
-        line = json.dumps(result.to_json()) + "\n"
+        data = result.to_json()
+        line = json.dumps(data) + "\n"
         assert session.run_dir is not None
         clients = [int(task.rsplit("client-", 1)[1]) for task in result.finished]
         kept = self.client_states.commit(result.round, self.path / "updates" / f"round-{result.round}", clients)
@@ -673,9 +674,9 @@ class Federation:
                               failed=len(result.failed), eval_metrics=result.eval_metrics)
         self.last, self.completed = result, self.completed + 1
         self._base, self._current = _add(self._base, result.jobs), {}
-        self._emit(event="round_finished", **result.to_json())
+        self._emit(event="round_finished", **data)
         self._summary("running")
-        self.trackers.round(result.to_json())
+        self.trackers.round(data)
 
     def _resume_totals(self, lines: list[dict[str, Any]]) -> None:
         """The totals and the newest round of the complete rounds a resume keeps, from their lines (and, for a
