@@ -116,7 +116,7 @@ class TaskHandle:
         self._current = record
         return record
 
-    def spawn_copy(self, listener: Listener, batch: int) -> TaskHandle:
+    def spawn_copy(self, listener: Listener) -> TaskHandle:
         """A speculative copy of this training straggler: the same job, under the next attempt number."""
         copy = TaskHandle(self.task, self.index, listener, task_id=self.id, method=self.method,
                           context=self.context, state_path=self.state_path, seed=self.seed,
@@ -127,7 +127,7 @@ class TaskHandle:
         copy.numbered = self.numbered
         self.numbered += 1
         copy.folder = f"{self.folder}.speculative"
-        copy.batch = batch
+        copy.batch = self.batch
         copy.estimate_cuda, copy.estimate_host = self.estimate_cuda, self.estimate_host
         return copy
 

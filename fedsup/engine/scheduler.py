@@ -795,7 +795,7 @@ class Scheduler:
                 continue
             if not self._room_for_copy(handle):
                 return
-            copy = handle.spawn_copy(self._on_copy_transition, handle.batch)
+            copy = handle.spawn_copy(self._on_copy_transition)
             log.info("task %s has trained %.1f s, past %g x its batch's median: a speculative copy starts",
                      handle.task_id, now - (handle.train_began or now), self.policy.speculative_after)
             self.start(copy)
