@@ -5,7 +5,7 @@ do the work in every variant, so that every variant ends with the same global mo
 * data: client ``c``'s 50 images and labels from ``torch.Generator().manual_seed(c)``;
 * model: Conv(3, 16, 3)-ReLU-MaxPool-Conv(16, 32, 3)-ReLU-MaxPool-Linear(2048, 64)-ReLU-Linear(64, 10), the
   initial global model under ``torch.manual_seed(0)``;
-* training: SGD lr 0.05, batch 10, the order shuffled by a generator seeded with (client, round);
+* training: ``fl_clients.sgd_epoch`` with SGD lr 0.05, batch 10, the order shuffled by (client, round);
 * aggregation: FedAvg by ``num_examples``, float64, client-id order (``fl_clients.fedavg``).
 """
 
@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+from fl_clients import sgd_epoch
 
 SAMPLES, BATCH, LR, INIT_SEED = 50, 10, 0.05, 0
 State = dict[str, torch.Tensor]
@@ -44,19 +44,9 @@ def train_client(client_id: int, round_: int, global_state: State, x: torch.Tens
     started = time.time()
     model = (model if model is not None else make_model()).to(device)
     model.load_state_dict(global_state)
-    x, y = x.to(device), y.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(client_id * 1_000 + round_))
-    total = 0.0
-    for start in range(0, len(x), BATCH):
-        idx = order[start:start + BATCH]
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        total += loss.item()
+    loss, _ = sgd_epoch(model, x.to(device), y.to(device), seed=client_id * 1_000 + round_, lr=LR, batch=BATCH)
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "num_examples": len(x),
-            "loss": total / (len(x) // BATCH), "train_started": started, "train_ended": time.time()}
+            "loss": loss, "train_started": started, "train_ended": time.time()}
 
 
 def client_job(client_id: int, round_: int, global_state: State) -> dict[str, Any]:

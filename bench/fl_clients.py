@@ -70,14 +70,15 @@ def initial_state() -> State:
         return make_model().state_dict()
 
 
-def sgd_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[float, int]:
+def sgd_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, lr: float = LR,
+              batch: int = BATCH) -> tuple[float, int]:
     """One epoch of SGD in an order shuffled by ``seed``: the mean loss and the number of batches."""
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     total, batches = 0.0, 0
     model.train()
-    for start in range(0, len(x), BATCH):
-        idx = order[start:start + BATCH]
+    for start in range(0, len(x), batch):
+        idx = order[start:start + batch]
         opt.zero_grad()
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
