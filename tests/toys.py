@@ -590,3 +590,40 @@ class SignalsSupervisor(fedsup.Task):
         if self.block:
             block_forever()
         return _base(self, device)
+
+
+class StopsItself(fedsup.Task):
+    """On its first attempt, SIGSTOPs itself in train(): only the train deadline can end it."""
+
+    def __init__(self, task_id: str, marker_dir: str) -> None:
+        super().__init__(task_id)
+        self.marker_dir = marker_dir
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        if first_time(self.marker_dir, f"{self.task_id}.stopped"):
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return _base(self, device)
+
+
+class OutgrowsCgroup(fedsup.Task):
+    """On its first attempt, joins the memory cgroup whose ``cgroup.procs`` is given and allocates past its
+    limit: the kernel's OOM killer ends it with a SIGKILL fedsup did not send."""
+
+    def __init__(self, task_id: str, marker_dir: str, procs: str, size: int) -> None:
+        super().__init__(task_id)
+        self.marker_dir, self.procs, self.size = marker_dir, procs, size
+
+    def load(self) -> None:
+        pass
+
+    def train(self, device: str) -> dict[str, Any]:
+        if first_time(self.marker_dir, f"{self.task_id}.oom"):
+            with open(self.procs, "w") as f:
+                f.write(str(os.getpid()))
+            hog = bytearray(self.size)
+            for i in range(0, self.size, 4096):  # touch every page: charged to the cgroup
+                hog[i] = 1
+        return _base(self, device)

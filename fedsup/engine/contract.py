@@ -3,7 +3,7 @@ values.
 
 Checked where the update arrives, in the client's own process (``worker.federated_result``, before the
 update is saved and before the job can be recorded FINISHED), so that a broken update fails its job with the
-``bad_result`` kind: never retried blindly, and run again by ``--resume`` once the client's code is fixed.
+``contract`` kind: never retried blindly, and run again by ``--resume`` once the client's code is fixed.
 The main process checks every update it reads back once more (``fedsup.federated.rounds``): a resumed run
 trusts no file it has not checked.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_serializer
+from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
 
 from fedsup.engine.states import TaskStatus
 
@@ -25,7 +25,7 @@ ErrorKind = Literal[
     "crash",        # the process died without announcing it (exit code, segfault, signal)
     "timeout",      # a phase ran past its deadline and fedsup killed it
     "placement",    # the task can never fit on any device
-    "bad_result",   # train() or evaluate() returned something the run cannot use: a bug, never retried
+    "contract",     # train() or evaluate() returned something the run cannot use: a bug, never retried
     "cancelled",    # the run stopped first
     "node_lost",    # the cluster node running it went away (Ray backend): its own budget, not max_retries
     "superseded",   # a straggler's race with its speculative copy: this one lost and was ended
@@ -49,6 +49,12 @@ class ErrorInfo(_Record):
     device: str | None = None
     estimate_cuda_memory: int | None = None
     stderr_tail: list[str] | None = None
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _renamed_kind(cls, kind: object) -> object:
+        # Records written before the kind was renamed still read (and resume) as they were meant.
+        return "contract" if kind == "bad_result" else kind
 
     def summary(self) -> str:
         return f"{self.type}: {self.message}"

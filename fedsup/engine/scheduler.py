@@ -674,7 +674,7 @@ class Scheduler:
     def _retry_verdict(self, handle: TaskHandle, error: ErrorInfo) -> str | None:
         """Spend the right budget; return why the task fails for good, or None to retry."""
         policy = self.policy
-        if error.kind == "bad_result":
+        if error.kind == "contract":
             return "its result breaks the federated contract; retrying would not change it"
         if error.kind == "unpicklable" and error.phase == "load":
             return "the task object cannot be pickled; retrying would not change it"

@@ -352,7 +352,7 @@ class ResultContractError(Exception):
 def classify(exc: BaseException) -> ErrorKind:
     """Which retry budget an exception spends. Out-of-memory is a resource problem, not a bug."""
     if isinstance(exc, ResultContractError):
-        return "bad_result"
+        return "contract"
     runtime_error = str(exc) if isinstance(exc, RuntimeError) else ""
     if isinstance(exc, MemoryError) or any(m in runtime_error for m in _HOST_OOM_MARKERS):
         return "host_oom"

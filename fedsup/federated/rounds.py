@@ -57,6 +57,7 @@ from fedsup.engine.task import Task
 from fedsup.engine.units import parse_bytes
 from fedsup.federated.client_state import ClientStates
 from fedsup.federated.heterogeneity import RoundPlan, plan_round
+from fedsup.federated.problems import ConfigProblems, read_file
 from fedsup.federated.retention import Retention, prune, sweep
 from fedsup.federated.strategies import ClientUpdate, Strategy, weighted_metrics
 from fedsup.federated.tracking import Trackers
@@ -167,14 +168,21 @@ def load_strategy_state(strategy: Strategy, path: Path) -> None:
     try:
         strategy.load_state_dict(torch.load(path, weights_only=True))
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which
-        raise RunDirError(f"{path}: cannot be read as the strategy's state ({exc})") from exc
+        raise RunDirError(f"{path}: cannot be read as the strategy's state ({why_unreadable(exc)})") from exc
 
 
 def load_state(path: Path) -> State:
     try:
         return torch.load(path, mmap=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which
-        raise RunDirError(f"{path}: cannot be read as a model checkpoint ({exc})") from exc
+        raise RunDirError(f"{path}: cannot be read as a model checkpoint ({why_unreadable(exc)})") from exc
+
+
+def why_unreadable(exc: Exception) -> str:
+    """One line of why torch.load refused a file: for a pickle that holds more than tensors, torch spends its
+    first lines on advice, and the cause is the line that names the refused global."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(exc).__name__)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -361,9 +369,12 @@ class Federation:
                               "cannot tell whether this config is the same run (another would mix two runs "
                               "in one folder); put it back, or start a new run in another folder")
         try:
-            stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise RunDirError(f"{stored_path}: damaged ({exc})") from exc
+            # Read with the same bounds as any config: the run directory is not trusted more than a config.
+            stored = read_file(stored_path)
+        except ConfigProblems as exc:
+            raise RunDirError(f"{stored_path}: damaged ({'; '.join(exc.problems)})") from exc
+        if not isinstance(stored, dict):
+            raise RunDirError(f"{stored_path}: damaged (not a mapping of config keys)")
         changed = sorted(k for k in set(stored) | set(self.spec.config)
                          if k not in RESUMABLE_CHANGES and stored.get(k) != self.spec.config.get(k))
         if changed:
@@ -569,7 +580,7 @@ class Federation:
         try:
             update = torch.load(path, mmap=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any damage means the same: the work is not trusted
-            return None, f"{path} is damaged or missing ({exc})"
+            return None, f"{path} is damaged or missing ({why_unreadable(exc)})"
         if not isinstance(update, dict):
             return None, f"{path}: holds a {type(update).__name__}, not a state dict"
         problem = check_update(update, contract)
@@ -579,7 +590,7 @@ class Federation:
     def _broken(session: Session, record: TaskRecord, problem: str) -> TaskRecord:
         """Record as failed, for the contract, a job that finished with an update this process cannot use, so
         that ``fedsup status`` says why and ``--resume`` runs it again."""
-        error = ErrorInfo(kind="bad_result", type="fedsup.TaskContractError", message=problem, phase="train",
+        error = ErrorInfo(kind="contract", type="fedsup.TaskContractError", message=problem, phase="train",
                           device=record.device)
         reason = "its update breaks the federated contract; retrying would not change it"
         broken = record.model_copy(update={"status": TaskStatus.FAILED, "error": error, "reason": reason})
@@ -591,14 +602,14 @@ class Federation:
         if session.run_dir is not None:
             session.run_dir.write_record(broken)
             session.run_dir.event(task=record.task_id, attempt=record.attempts, status="FAILED",
-                                  previous="FINISHED", kind="bad_result", error=error.summary(), reason=reason)
+                                  previous="FINISHED", kind="contract", error=error.summary(), reason=reason)
         return broken
 
     def _shortfall(self, round_: int, finished: int, failures: list[TaskRecord]) -> Exception:
         """The error that ends a round short of ``min_clients``, with its root cause: the failing jobs' errors
         (the contract breakers first). TaskContractError (bad input, exit 2) where a client broke the
         contract, since no retry or resume can mend that; RunFailed otherwise."""
-        broke = [r for r in failures if r.error is not None and r.error.kind == "bad_result"]
+        broke = [r for r in failures if r.error is not None and r.error.kind == "contract"]
         ordered = broke + [r for r in failures if r not in broke]
         causes = "; ".join(f"{r.task_id}: {_cause(r)}" for r in ordered[:CAUSES_SHOWN])
         if len(ordered) > CAUSES_SHOWN:
@@ -648,7 +659,7 @@ class Federation:
     @staticmethod
     def _check_contract(record: TaskRecord) -> None:
         """An evaluate() or initial_state() that broke the contract ends the run (a bug in the client class)."""
-        if record.error is not None and record.error.kind == "bad_result" and not record.ok:
+        if record.error is not None and record.error.kind == "contract" and not record.ok:
             raise TaskContractError(f"task {record.task_id}: {record.error.message}")
 
     def _finish_round(self, session: Session, result: RoundResult) -> None:

@@ -104,7 +104,7 @@ class Scaffold(Strategy):
 
 
 def _mean_drift(key: str, x: torch.Tensor, ordered: Sequence[ClientUpdate]) -> torch.Tensor:
-    """``mean_i(y_i - x)`` for one key in float64: one pass, a cache-sized block of coordinates at a time.
+    """``mean_i(y_i - x)`` for one key in float64: one pass, a block of coordinates at a time.
 
     Per coordinate the same operations in the same order as summing ``(y_i - x)`` from zero, client by client.
     """

@@ -238,7 +238,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsup", description="A federated-learning process supervisor.",
-                                     epilog="exit statuses: 0 success, 1 run failed, 2 bad input, 130 interrupted")
+                                     epilog="exit statuses: 0 success, 1 run failed, 2 bad input, 130 interrupted, "
+                                            "141 output pipe closed")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

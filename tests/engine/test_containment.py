@@ -89,6 +89,50 @@ def _no_cgroup_left() -> None:
         assert not list(base.glob(f"fedsup-{os.getpid()}-*")), "cgroup folders left behind by the run"
 
 
+def _memory_cgroup_parent() -> Path | None:
+    """Where this process may make a memory cgroup: its own, in cgroup v1's memory hierarchy or in v2's."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory" and Path("/sys/fs/cgroup/memory").is_dir():
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            own = Path("/sys/fs/cgroup") / path.lstrip("/")
+            if "memory" in (own / "cgroup.subtree_control").read_text().split():
+                return own
+    return None
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Path]:
+    """A memory cgroup of 64 MiB, no swap, for a task process to join; removed after the test."""
+    parent = _memory_cgroup_parent()
+    if parent is None:
+        pytest.skip("no memory cgroup controller this process can use")
+    folder = parent / f"fedsup-test-oom-{os.getpid()}"
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a memory cgroup under {parent}: {exc.strerror}")
+    try:
+        v1 = (folder / "memory.limit_in_bytes").exists()
+        limits = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"] if v1 else ["memory.max", "memory.swap.max"]
+        for name in limits:
+            if (folder / name).exists():
+                (folder / name).write_text(str(64 << 20) if "swap" not in name else "0")
+        yield folder
+    finally:
+        folder.rmdir()  # the OOM-killed process has left it: a test that leaves one in it fails here
+
+
+def oom_kills(folder: Path) -> int:
+    """How many processes the kernel's OOM killer ended in this memory cgroup (v1 or v2)."""
+    for name in ("memory.events", "memory.oom_control"):
+        if (folder / name).exists():
+            fields = dict(line.split() for line in (folder / name).read_text().splitlines())
+            return int(fields.get("oom_kill", 0))
+    return 0
+
+
 # ---------------------------------------------------------------- nothing a task starts outlives it
 
 
@@ -168,6 +212,33 @@ def test_a_fork_server_killed_from_outside_takes_its_tasks_setsid_daemons_with_i
     assert left == []
 
 
+# ---------------------------------------------------------------- a stopped task, an OOM-killed one
+
+
+@pytest.mark.timeout(120)
+def test_a_task_that_stops_itself_is_killed_at_its_train_deadline_and_retried(markers: str) -> None:
+    supervisor = Supervisor("cpu", cpus=1, max_loaded=2, max_retries=1, tasks_per_process=1, train_timeout=2)
+    records = {r.task_id: r for r in supervisor.run([toys.StopsItself("stops", markers), toys.Ok("beside")])}
+    assert all(r.status is S.FINISHED for r in records.values()), [(r.task_id, r.error) for r in records.values()]
+    stopped = records["stops"].history[0]
+    assert records["stops"].attempts == 2 and stopped.error is not None and stopped.error.kind == "timeout"
+    assert stopped.pid is not None and not toys.alive(stopped.pid)
+    assert records["beside"].attempts == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_client_oom_killed_in_a_memory_cgroup_is_an_interrupt_not_a_failure(markers: str,
+                                                                               memory_cgroup: Path) -> None:
+    hog = toys.OutgrowsCgroup("hog", markers, str(memory_cgroup / "cgroup.procs"), 256 << 20)
+    supervisor = Supervisor("cpu", cpus=1, max_loaded=2, max_retries=0, tasks_per_process=1)
+    records = {r.task_id: r for r in supervisor.run([hog, toys.Ok("beside")])}
+    assert oom_kills(memory_cgroup) == 1  # the kernel's OOM killer did it, not a test's kill
+    assert all(r.status is S.FINISHED for r in records.values()), [(r.task_id, r.error) for r in records.values()]
+    killed = records["hog"].history[0]
+    assert killed.error is not None and killed.error.kind == "host_oom" and killed.error.signal == "SIGKILL"
+    assert records["hog"].attempts == 2  # max_retries=0: an interrupt is requeued on its own budget
+
+
 # ---------------------------------------------------------------- a stopped or dying fork server
 
 
@@ -186,6 +257,40 @@ def test_a_stopped_fork_server_is_killed_and_replaced_and_the_run_finishes(marke
     assert stopped not in later[-1:], "the last task should have come from a server that answers"
     # the server owed an answer 2 s after the stop; a warm-up of its replacement, the tasks themselves
     assert elapsed < 60, f"the run took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(180)
+def test_fork_servers_that_never_start_are_killed_and_replaced_on_their_own_budget(
+        markers: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    serve = launch.server_main
+    hung: list[int] = []
+
+    def hangs_the_first_time(sock: Any, preload: list[str], parent: int, warm: bool = True,
+                             root: str | None = None) -> None:
+        # The first warm and the first cold server hang before they serve, as a deadlocked import would.
+        if toys.first_time(markers, f"server-{'warm' if warm else 'cold'}"):
+            launch.die_with_parent(parent)
+            with open(os.path.join(markers, f"hung-{os.getpid()}"), "w"):
+                pass
+            while True:
+                signal.pause()
+        serve(sock, preload, parent, warm, root)
+
+    monkeypatch.setattr(launch, "server_main", hangs_the_first_time)  # forked servers inherit it
+    tasks = [toys.Ok(f"task-{i}") for i in range(3)]
+    supervisor = Supervisor("cpu", cpus=1, max_loaded=2, max_retries=0, tasks_per_process=1,
+                            server_start_timeout=2, max_infra_failures=2)
+    with caplog.at_level("WARNING", logger="fedsup"):
+        records = supervisor.run(tasks)
+    # max_retries=0: a task asked of a server that never started is run again on the infrastructure's budget
+    assert all(r.status is S.FINISHED for r in records), [(r.task_id, r.error) for r in records]
+    lost = [a.error for r in records for a in r.history if a.error is not None]
+    assert lost and all("did not start within 2 s" in e.message for e in lost), lost
+    hung = [int(name.split("-")[1]) for name in os.listdir(markers) if name.startswith("hung-")]
+    assert len(hung) == 2, os.listdir(markers)
+    assert not [pid for pid in hung if toys.alive(pid)], "a fork server that never started is still there"
+    assert not {r.result["ppid"] for r in records} & set(hung)
+    assert sum("did not start within 2 s" in m for m in caplog.messages) == 2, caplog.messages
 
 
 @pytest.mark.timeout(180)

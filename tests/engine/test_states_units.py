@@ -362,6 +362,13 @@ def test_raise_for_status():
     assert "ValueError" in str(info.value.__cause__)
 
 
+def test_a_record_written_with_the_kind_s_old_name_reads_as_contract():
+    old = {"kind": "bad_result", "type": "fedsup.TaskContractError", "message": "key 'w' has shape [5]"}
+    assert ErrorInfo.model_validate(old).kind == "contract"
+    with pytest.raises(ValueError):
+        ErrorInfo.model_validate({**old, "kind": "bad_results"})
+
+
 def test_handle_to_record_aggregates_attempts():
     handle = TaskHandle(T("t", estimate_memory="1GiB", estimate_cuda_memory="2GiB"), 0)
     handle.transition(S.AVAILABLE)

@@ -6,6 +6,7 @@ import copy
 import inspect
 import os
 import pickle
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -441,6 +442,20 @@ def test_a_file_over_the_size_limit_is_refused_without_reading_it_all(tmp_path: 
     assert load_config(path).name == VALID["name"]
     monkeypatch.setenv("FEDSUP_YAML_MAX_BYTES", "lots")
     assert problems_of(path).problems == ["FEDSUP_YAML_MAX_BYTES: expected a whole number of at least 0 (got 'lots')"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_config_over_either_limit_is_one_line_and_exit_2_from_the_command_line(tmp_path: Path,
+                                                                                  command: str) -> None:
+    bomb, big = write(tmp_path, alias_bomb(), "bomb.yaml"), write(tmp_path, "#" * (2**20 + 1), "big.yaml")
+    for path, said in ((bomb, "its aliases expand it by 1,234,567,800 values"),
+                       (big, "more than the limit of 1,048,576 bytes of YAML")):
+        done = subprocess.run([sys.executable, "-m", "fedsup", command, str(path)], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not (tmp_path / "runs").exists()  # nothing was started
 
 
 def test_an_endless_config_file_is_read_only_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ import fedsup
 from fedsup.engine.contract import check_update, update_contract
 from fedsup.engine.errors import RunDirError
 from fedsup.engine.rundir import LOCK_FILE, lock_run_dir, lock_state, safe_name
+from fedsup.ui import digest
 from fedsup.ui.cli import main as cli_main
 
 TESTS = Path(__file__).resolve().parent.parent  # where the toy task modules are
@@ -135,6 +136,11 @@ def test_a_run_directory_is_locked_while_used_and_a_sigkill_never_leaves_it_stuc
     assert resumed.returncode == 0, resumed.stderr
     assert cli_main(["status", str(run)]) == 0
     assert capsys.readouterr().out.startswith("run guards: finished (from summary.json)")
+    # the report ends the attempt the kill cut off at the run's last event before the resume, not across the gap
+    resumed_at = max(e["time"] for e in events(run) if e.get("event") == "run_started")
+    cut, again = [a for a in digest.build_attempts(digest.load_run(run)) if a.task == "round-2.client-0"]
+    assert cut.cut_off and cut.spans[-1].kind == "train" and cut.spans[-1].cut and cut.end < resumed_at
+    assert not again.cut_off and again.start >= resumed_at and again.status == "FINISHED"
 
 
 def test_the_lock_is_one_per_directory_in_a_process_too_and_not_kept_by_forked_children(tmp_path: Path) -> None:
@@ -193,6 +199,21 @@ def test_resume_without_the_stored_config_is_refused(tmp_path: Path, capsys: pyt
     assert len((run / "rounds.jsonl").read_text().splitlines()) == 1  # nothing of another run mixed in
 
 
+@pytest.mark.timeout(120)
+def test_a_stored_config_is_read_with_the_same_bounds_as_any_config(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, config(tmp_path, federation={"clients": 2, "rounds": 1}))
+    assert cli_main(["run", str(path)]) == 0
+    stored = tmp_path / "run" / "config.yaml"
+    # Eight levels of ten aliases each: a few hundred bytes that would expand to over 10**8 values.
+    bomb = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    stored.write_text("\n".join(bomb) + "\n" + stored.read_text())
+    assert cli_main(["run", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{stored}: damaged ({stored}: its aliases expand it by" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------- client updates against the contract
 
 
@@ -249,7 +270,7 @@ def test_a_broken_update_ends_the_run_with_one_line_and_resume_runs_that_client_
     assert "Traceback" not in err and len([line for line in err.splitlines() if "error" in line]) == 1, err
     broken = record(run, "round-1.client-1")
     assert broken.status is fedsup.TaskStatus.FAILED and broken.attempts == 1  # max_retries=2: never retried
-    assert broken.error is not None and broken.error.kind == "bad_result"
+    assert broken.error is not None and broken.error.kind == "contract"
     # the client's code is fixed: --resume runs it again, and the run finishes
     (tmp_path / "fixed").touch()
     assert cli_main(["run", str(path), "--resume"]) == 0
@@ -260,6 +281,46 @@ def test_a_broken_update_ends_the_run_with_one_line_and_resume_runs_that_client_
                                                            * weights).sum() / weights.sum())))
 
 
+class _RunsCode:
+    """Pickles to a call of ``os.system``: what a hostile update file in a run directory would hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (self.command,))
+
+
+@pytest.mark.timeout(180)
+def test_an_update_file_that_would_run_code_is_never_unpickled_and_its_client_trains_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path, bad_update_config(tmp_path, "shape"))
+    run = tmp_path / "run"
+    ran = tmp_path / "code-ran"
+    with caplog.at_level("WARNING", logger="fedsup"):
+        assert cli_main(["run", str(path)]) == 2  # round 1 ends short: clients 0 and 2 finished, updates kept
+        update = run / "updates" / "round-1" / "client-0.pt"
+        assert update.exists() and record(run, "round-1.client-0").ok
+        torch.save({"w": _RunsCode(f"touch {ran}")}, update)
+        (tmp_path / "fixed").touch()
+        assert cli_main(["run", str(path), "--resume"]) == 0
+    assert not ran.exists(), "the run directory's update file was unpickled as code"
+    damaged = [m for m in caplog.messages if m.startswith(f"{update} is damaged or missing (")]
+    assert len(damaged) == 1 and "GLOBAL posix.system" in damaged[0], caplog.messages  # one line, the cause
+    assert damaged[0].endswith("; round-1.client-0 trains again")
+    assert not [m for m in caplog.messages if "parked process" in m], caplog.messages  # fedsup ended those
+    assert record(run, "round-1.client-0").ok
+    final = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.equal(final["w"], torch.full((4,), float((torch.tensor([200.0, 201, 202], dtype=torch.float64)
+                                                           * weights).sum() / weights.sum())))
+    # the file was live: an unrestricted load runs the command
+    live = tmp_path / "live.pt"
+    torch.save({"w": _RunsCode(f"touch {ran}")}, live)
+    torch.load(live, weights_only=False)
+    assert ran.exists()
+
+
 @pytest.mark.timeout(180)
 def test_nan_in_one_update_fails_that_client_alone_unless_switched_off(tmp_path: Path) -> None:
     summary = fedsup.run(bad_update_config(tmp_path, "nan", rounds=1, min_clients=2))
@@ -267,7 +328,7 @@ def test_nan_in_one_update_fails_that_client_alone_unless_switched_off(tmp_path:
     assert summary["status"] == "finished"
     broken = record(run, "round-1.client-1")
     assert broken.status is fedsup.TaskStatus.FAILED and broken.attempts == 1
-    assert broken.error is not None and broken.error.kind == "bad_result"
+    assert broken.error is not None and broken.error.kind == "contract"
     assert "client-1's update breaks the federated contract: key 'w' (shape [4]) holds 1 NaN" in broken.error.message
     final = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
     assert torch.equal(final["w"], torch.full((4,), (100.0 * 1 + 102.0 * 3) / 4))  # clients 0 and 2 only
@@ -287,7 +348,7 @@ def test_a_bad_update_is_caught_in_its_process_before_the_job_is_recorded_finish
     assert "FINISHED" not in statuses, ("recorded FINISHED before its update was checked: fedsup/engine/worker.py "
                                         "must call fedsup.engine.contract.check_update", statuses)
     broken = record(run, "round-1.client-1")
-    assert broken.error is not None and broken.error.kind == "bad_result" and broken.error.phase == "train"
+    assert broken.error is not None and broken.error.kind == "contract" and broken.error.phase == "train"
     assert "holds 0 NaN and 2 Inf" in broken.error.message
 
 

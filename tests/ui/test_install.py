@@ -47,10 +47,11 @@ def fake_project(tmp_path: Path, gpu: bool) -> tuple[Path, Path]:
     return root, tools
 
 
-def source_env(tmp_path: Path, gpu: bool = False, **environ: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def source_env(tmp_path: Path, gpu: bool = False, after: str = "",
+               **environ: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     root, tools = fake_project(tmp_path, gpu)
     log = tmp_path / "pip.log"
-    done = subprocess.run([shutil.which("bash") or "/bin/bash", "-c", f'source "{root}/scripts/env.sh"'],
+    done = subprocess.run([shutil.which("bash") or "/bin/bash", "-c", f'source "{root}/scripts/env.sh"{after}'],
                           capture_output=True, text=True, timeout=60,
                           env={"PATH": str(tools), "PIP_LOG": str(log), "HOME": str(tmp_path), **environ})
     return done, log.read_text().splitlines() if log.exists() else []
@@ -82,3 +83,12 @@ def test_when_both_fail_sourcing_fails(tmp_path: Path) -> None:
     done, calls = source_env(tmp_path, FAIL_WHEN="torch==")
     assert done.returncode != 0
     assert len(calls) == 2 and calls[-1] == "-m pip install -q torch==2.13.0"
+
+
+def test_sourcing_leaves_the_shell_s_own_options_and_a_failure_does_not_close_it(tmp_path: Path) -> None:
+    done, _ = source_env(tmp_path / "ok", after='; echo "options $-"; false; echo "after false"')
+    assert done.returncode == 0 and "after false" in done.stdout, done.stderr  # no errexit left behind
+    assert "e" not in done.stdout.split("options ")[1].split()[0]
+    done, _ = source_env(tmp_path / "failing", FAIL_WHEN="torch==", after='; echo "status $?"')
+    assert "status 1" in done.stdout, (done.stdout, done.stderr)  # source failed; the shell went on
+    assert "env.sh: setting up" in done.stderr
