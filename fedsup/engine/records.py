@@ -163,6 +163,13 @@ class TaskRecord(_Record):
     def ok(self) -> bool:
         return self.status is TaskStatus.FINISHED
 
+    @property
+    def retried(self) -> bool:
+        """Whether an attempt went wrong and the task ran again; a straggler's race with its speculative
+        copy is not a retry (the loser's attempt is kept in the history as ``superseded``)."""
+        superseded = sum(1 for a in self.history if a.error is not None and a.error.kind == "superseded")
+        return self.attempts - superseded > 1
+
     def raise_for_status(self) -> None:
         """Raise TaskFailed (with the child's traceback as its cause) unless the task finished."""
         if not self.ok:

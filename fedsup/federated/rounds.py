@@ -563,7 +563,7 @@ class Federation:
             record = records[i]
             self._current[record.task_id] = _tally(record)
             (result.finished if record.ok else result.failed).append(record.task_id)
-            if record.attempts > 1:
+            if record.retried:
                 result.retried.append(record.task_id)
             if record.ok:
                 updates.append(self._update(i, record, update_dir, trusted[i]))

@@ -470,6 +470,7 @@ class TaskView:
     failures: list[Attempt]
     error: dict[str, Any] | None = None   # the last attempt's error: kind, type, message
     spans: list[SpanRecord] = field(default_factory=list)   # the last attempt's top-level spans
+    retried: bool = False       # an attempt went wrong and it ran again (a speculative copy's race is not)
 
 
 def build_tasks(run: RunData, attempts: list[Attempt]) -> list[TaskView]:
@@ -501,6 +502,7 @@ def _task_view(task: str, record: TaskRecord | None, events: list[dict[str, Any]
         failures=[a for a in attempts if a.failed],
         error=_last_error(record, attempts),
         spans=record.spans if record else [],
+        retried=record.retried if record else len([a for a in attempts if a.kind != "superseded"]) > 1,
     )
 
 
@@ -570,7 +572,7 @@ class Digest:
 
     @property
     def retried(self) -> int:
-        return sum(1 for t in self.tasks if t.attempts > 1)
+        return sum(1 for t in self.tasks if t.retried)
 
 
 def digest(run: RunData) -> Digest:

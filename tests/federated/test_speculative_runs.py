@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fedsup
+from fedsup.ui.cli import main as cli_main
 
 
 def config(tmp_path: Path, name: str, delay: float, speculative: dict[str, float] | None) -> dict[str, Any]:
@@ -28,7 +29,8 @@ def config(tmp_path: Path, name: str, delay: float, speculative: dict[str, float
 
 
 @pytest.mark.timeout(240)
-def test_a_straggling_client_s_copy_wins_and_the_model_is_the_one_without_speculation(tmp_path: Path) -> None:
+def test_a_straggling_client_s_copy_wins_and_the_model_is_the_one_without_speculation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fedsup.run(config(tmp_path, "plain", 0.0, None))
     fedsup.run(config(tmp_path, "speculative", 60.0, {"after": 2.0}))
     plain = torch.load(tmp_path / "plain" / "checkpoints" / "final.pt", weights_only=True)
@@ -39,3 +41,8 @@ def test_a_straggling_client_s_copy_wins_and_the_model_is_the_one_without_specul
     record = next(r for r in map(json.loads, lines) if r["task_id"] == "round-1.client-2")
     assert [a["status"] for a in record["history"]] == ["CANCELLED", "FINISHED"]
     assert record["history"][0]["error"]["kind"] == "superseded"
+    # the race is not a retry: not in the round's line, nor in fedsup status
+    rounds = [json.loads(line) for line in (tmp_path / "speculative" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["retried"] for r in rounds] == [[], []]
+    assert cli_main(["status", str(tmp_path / "speculative"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"]["retried"] == 0
