@@ -53,6 +53,7 @@ from fedsup.engine.containment import (
 )
 from fedsup.engine.devices import cpu_cores
 from fedsup.engine.forking import prepare_to_fork
+from fedsup.engine.spawning import REENTERED, reentry_error, spawning, started
 from fedsup.engine.worker import ChildSpec, child_main, die_with_parent, find_threadpools
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,8 @@ class SpawnChild:
             if self.process.exitcode is not None:
                 self.exit = ExitInfo.from_exitcode(self.process.exitcode)
                 self.process.close()
+                if self.exit.code == REENTERED:
+                    raise reentry_error("a task process (supervisor start_method: spawn)")
         return self.exit
 
     def kill(self, sig: int) -> None:
@@ -304,7 +307,8 @@ class SpawnLauncher:
         spec = replace(spec, cgroup=self._cgroups.folder() if self._cgroups else None)
         parent_conn, child_conn = mp.Pipe(duplex=True)
         process = self._ctx.Process(target=child_main, args=(child_conn, spec), name=f"fedsup:{spec.task_id}")
-        process.start()
+        with spawning("a task process"):
+            process.start()
         child_conn.close()
         child = SpawnChild(process, parent_conn)
         child.cgroup = spec.cgroup
@@ -379,6 +383,7 @@ class _Server:
     pid: int
     warm: bool                    # warms torch before it forks; the other kind serves at once, cold
     process: Any = None           # the multiprocessing.Process when started with spawn
+    spawn_reason: str | None = None  # why it was started with spawn
     ready: bool = False           # warm and forking (a cold server is ready from the start)
     broken: bool = False          # its start initialised CUDA: its children cannot use it
     retiring: bool = False        # told to exit once its last child has
@@ -478,12 +483,12 @@ class ForkServerLauncher:
             process = mp.get_context("spawn").Process(
                 target=server_main, args=(theirs, ["torch", *self._preload], parent, warm, root),
                 name="fedsup-forkserver")
-            with _spawn_guarded():
+            with _spawn_guarded(), spawning("fedsup's fork server"):
                 process.start()
             assert process.pid is not None
             pid = process.pid
         theirs.close()
-        server = _Server(ours, pid, warm, process, ready=not warm)
+        server = _Server(ours, pid, warm, process, spawn_reason=spawn_reason, ready=not warm)
         server.due["serving"] = time.monotonic() + self.start_timeout
         return server
 
@@ -687,10 +692,13 @@ class ForkServerLauncher:
     def _server_lost(self, server: _Server, exited: list[tuple[ServerChild, ExitInfo]],
                      cause: str | None = None) -> list[tuple[ServerChild, ExitInfo]]:
         """A server died: its children died with it (PDEATHSIG). Report them all as lost with it."""
-        self.deaths += 1
+        reentered = cause is None and self._reentered(server)
+        if not reentered:
+            self.deaths += 1
         children = [*server.starting.values(), *server.by_pid.values()]
-        log.warning("a fork server (pid %d) was lost, with %d task process(es): infrastructure death %d of the run",
-                    server.pid, len(children), self.deaths)
+        if not reentered:
+            log.warning("a fork server (pid %d) was lost, with %d task process(es): infrastructure death %d of the "
+                        "run", server.pid, len(children), self.deaths)
         lost = ExitInfo(None, signal.SIGKILL, infrastructure=self.deaths,
                         cause=cause or "the fork server died, and its task processes with it")
         for child in children:
@@ -701,7 +709,17 @@ class ForkServerLauncher:
         server.due.clear()
         self._forget(server)
         self._reap_server(server)
+        if reentered:
+            raise reentry_error("fedsup's fork server", server.spawn_reason)
         return exited
+
+    def _reentered(self, server: _Server) -> bool:
+        """Whether a server started with spawn left with ``REENTERED``: it never served, because the script
+        that started the run starts it again at import (see fedsup.engine.spawning)."""
+        if server.process is None:
+            return False
+        server.process.join(self.reply_timeout)
+        return bool(server.process.exitcode == REENTERED)
 
     def _forget(self, server: _Server) -> None:
         if server is self._cold:
@@ -801,6 +819,7 @@ def server_main(sock: socket.socket, preload: list[str], supervisor_pid: int, wa
     retire, a server forks nothing more and returns once its last child has been reaped. Whichever way it
     leaves (told to stop, the supervisor gone, SIGTERM, an error), it kills its whole tree first.
     """
+    started()
     die_with_parent(supervisor_pid)  # SIGKILL while warming up: it has no child yet, nothing to clean up
     guard_cuda_for_forking()
     os.setpgid(0, 0)

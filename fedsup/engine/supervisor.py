@@ -24,6 +24,7 @@ from fedsup.engine.records import TaskRecord
 from fedsup.engine.rundir import RunDir
 from fedsup.engine.runtime import ProcessRuntime
 from fedsup.engine.scheduler import Job, Policy, Scheduler
+from fedsup.engine.spawning import refuse_reentry
 from fedsup.engine.task import Task
 from fedsup.engine.units import parse_bytes
 
@@ -163,6 +164,7 @@ class Supervisor:
 
         ``tasks`` are the ones that will run, so that the fork server can import their modules.
         """
+        refuse_reentry()
         tasks = list(tasks)
         check_labels(self.limits, tasks)
         if self.backend is not None:

@@ -34,6 +34,7 @@ from fedsup.engine.containment import (
 from fedsup.engine.contract import UPDATE_CONTRACT, check_update
 from fedsup.engine.messages import Began, Bye, Exit, Fault, Load, PhaseDone, PhaseFailed, StateRef, Train
 from fedsup.engine.records import ErrorInfo, ErrorKind, Phase, PhaseRecord
+from fedsup.engine.spawning import started
 
 _HOST_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
 _CUDA_OOM_MARKERS = (
@@ -498,6 +499,7 @@ class Worker:
 
 def child_main(conn: Connection, spec: ChildSpec) -> None:
     """Entry point of a task's process (spawned directly, or forked by the fork server)."""
+    started()
     setup_child(spec)
     Worker(conn).serve()
     end_helpers()
