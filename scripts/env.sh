@@ -3,8 +3,9 @@
 # NVIDIA GPU it comes from torch's own CPU wheel index (PyPI's Linux wheel is the CUDA build, about 1 GB
 # more); where that index cannot be reached (a machine that reaches only PyPI), from PyPI.
 # FEDSUP_TORCH_INDEX names another index, or "pypi" for PyPI's build.
-# The set-up runs in a subshell with its own strict options: the shell that sources this keeps its own,
-# and a failed step makes `source` fail instead of closing that shell.
+# The set-up runs in a subshell: the shell that sources this keeps its own options, and a failed step makes
+# `source` fail instead of closing that shell. Each step says `|| exit 1` itself: bash ignores `set -e` in
+# whatever runs as a condition, and `source env.sh || exit 1` is one.
 
 _fedsup_setup() (
     set -euo pipefail
@@ -24,20 +25,20 @@ _fedsup_setup() (
             fi
             echo "env.sh: could not install torch from $index; installing torch==$torch_version from PyPI" >&2
         fi
-        "$1" -m pip install -q "torch==$torch_version"
+        "$1" -m pip install -q "torch==$torch_version" || return 1
     }
 
     if [ ! -x "$root/.venv/bin/python" ]; then
-        python3 -m venv "$root/.venv"
+        python3 -m venv "$root/.venv" || exit 1
     fi
     py="$root/.venv/bin/python"
     if ! "$py" -c "import torch" 2>/dev/null; then
-        install_torch "$py"
+        install_torch "$py" || exit 1
     fi
     stamp="$root/.venv/.fedsup-installed"
     if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-        "$py" -m pip install -q -e "$root[dev]"
-        touch "$stamp"
+        "$py" -m pip install -q -e "$root[dev]" || exit 1
+        touch "$stamp" || exit 1
     fi
 )
 

@@ -292,6 +292,9 @@ class FakeRuntime:
             return
         self._die(child, self.clock, ExitInfo(None, sig))
 
+    def take_error(self) -> None:
+        return None
+
     def wait(self, children: Iterable[FakeChild], timeout: float | None) -> list[Any]:
         self.waits += 1
         if self.waits > self.max_waits:

@@ -52,6 +52,7 @@ from fedsup.engine.containment import (
     remove_cgroups,
 )
 from fedsup.engine.devices import cpu_cores
+from fedsup.engine.errors import FedsupError
 from fedsup.engine.forking import prepare_to_fork
 from fedsup.engine.spawning import REENTERED, reentry_error, spawning, started
 from fedsup.engine.worker import ChildSpec, child_main, die_with_parent, find_threadpools
@@ -265,8 +266,9 @@ def warm_torch() -> None:
 
 
 class SpawnChild:
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, process: Any, conn: Connection, launcher: SpawnLauncher) -> None:
         self.process = process
+        self.launcher = launcher
         self.conn = conn
         self.pid: int | None = process.pid
         self.exit: ExitInfo | None = None
@@ -283,7 +285,7 @@ class SpawnChild:
                 self.exit = ExitInfo.from_exitcode(self.process.exitcode)
                 self.process.close()
                 if self.exit.code == REENTERED:
-                    raise reentry_error("a task process (supervisor start_method: spawn)")
+                    self.launcher.error = reentry_error("a task process (supervisor start_method: spawn)")
         return self.exit
 
     def kill(self, sig: int) -> None:
@@ -299,6 +301,8 @@ class SpawnLauncher:
     def __init__(self) -> None:
         self._ctx = mp.get_context("spawn")
         self._cgroups: Cgroups | None = None
+        # an error that ends the run, raised by the scheduler once it has handled this wait's exits
+        self.error: FedsupError | None = None
 
     def start(self, preload: list[str]) -> None:
         self._cgroups = make_cgroups()
@@ -310,7 +314,7 @@ class SpawnLauncher:
         with spawning("a task process"):
             process.start()
         child_conn.close()
-        child = SpawnChild(process, parent_conn)
+        child = SpawnChild(process, parent_conn, self)
         child.cgroup = spec.cgroup
         return child
 
@@ -438,6 +442,8 @@ class ForkServerLauncher:
         self.no_warm = False  # a warm-up initialised CUDA once: servers started later stay cold
         self._cgroups: Cgroups | None = None
         self.forked = False
+        # an error that ends the run, raised by the scheduler once it has handled this wait's exits
+        self.error: FedsupError | None = None
 
     # -- starting and stopping the servers
 
@@ -709,8 +715,8 @@ class ForkServerLauncher:
         server.due.clear()
         self._forget(server)
         self._reap_server(server)
-        if reentered:
-            raise reentry_error("fedsup's fork server", server.spawn_reason)
+        if reentered:  # the run ends: the scheduler raises it once it has handled these exits
+            self.error = reentry_error("fedsup's fork server", server.spawn_reason)
         return exited
 
     def _reentered(self, server: _Server) -> bool:

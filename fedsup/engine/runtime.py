@@ -16,6 +16,7 @@ from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
+from fedsup.engine.errors import FedsupError
 from fedsup.engine.launch import Child, ExitInfo, ForkServerLauncher, SpawnLauncher, reap_group
 from fedsup.engine.messages import Command
 from fedsup.engine.worker import ChildSpec
@@ -64,6 +65,10 @@ class Runtime(Protocol):
 
     def wait(self, children: Iterable[Child], timeout: float | None) -> list[Event]: ...
 
+    def take_error(self) -> FedsupError | None:
+        """An error that ends the run, learnt while starting or reaping processes, once (then None)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -111,6 +116,10 @@ class ProcessRuntime:
         child.kill(sig)
         if sig == signal.SIGKILL:
             self.launcher.expect_exit(child)  # its fork server owes us the exit status now
+
+    def take_error(self) -> FedsupError | None:
+        error, self.launcher.error = self.launcher.error, None
+        return error
 
     def wait(self, children: Iterable[Child], timeout: float | None) -> list[Event]:
         owners: dict[Any, Child] = {}

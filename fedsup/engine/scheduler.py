@@ -209,15 +209,22 @@ class Scheduler:
         for event in events:
             self.handle_event(event)
         self.check_deadlines()
+        error = self.runtime.take_error()
+        if error is not None:  # after the exits above are handled, so that every process is accounted for
+            raise error
 
     def close(self) -> None:
         """Let parked processes go and wait for every process to exit; kill what outlives the grace period."""
         for child in list(self.idle.values()):
             self._tell_exit(child)
-        self.idle.clear()
-        self.idle_resident.clear()
+        self.forget_parked()
         while self.procs:
             self.step()
+
+    def forget_parked(self) -> None:
+        """No parked process is one to adopt any more: each is being ended, and its exit is not news."""
+        self.idle.clear()
+        self.idle_resident.clear()
 
     def done(self) -> bool:
         return not self.procs and self.outstanding == 0
@@ -906,8 +913,7 @@ class Scheduler:
             self._cancel(handle, f"the run was stopped by {signal_name(signum)}")
         self.delayed.clear()
         self.waiting.clear()
-        self.idle.clear()
-        self.idle_resident.clear()
+        self.forget_parked()
         for child in self.procs:
             self.runtime.send(child, Exit())
         self.stop_stage = 1

@@ -29,7 +29,12 @@ class MainModuleReentry(ConfigError):
 @contextmanager
 def spawning(what: str) -> Iterator[None]:
     """Mark the environment while a process is started with spawn (it keeps the mark until its own code
-    runs and drops it: see ``started``)."""
+    runs and drops it: see ``started``).
+
+    This sets ``os.environ`` in a process that may run other threads (one reason to spawn at all), as
+    ``_spawn_guarded`` does for the CUDA check: a C library reading the environment at that instant is the
+    known, rare hazard of setenv. A process another thread starts in the window inherits the mark too;
+    it matters only to a run started in there while it imports the main module, which is the point."""
     before = os.environ.get(SPAWNING)
     os.environ[SPAWNING] = what
     try:

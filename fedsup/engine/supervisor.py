@@ -197,9 +197,7 @@ class Supervisor:
     @staticmethod
     def _kill_everything(scheduler: Scheduler) -> None:
         """After an error or a stop: no task process may outlive the supervisor, and each is reaped."""
-        # Parked processes end here too: fedsup's doing, so their SIGKILL is not news to warn of.
-        scheduler.idle.clear()
-        scheduler.idle_resident.clear()
+        scheduler.forget_parked()  # they end here too: fedsup's doing, so their SIGKILL is not news
         if scheduler.procs and scheduler.stop_signal is None:
             scheduler.stop_signal = signal.SIGKILL  # admit nothing more
             scheduler.stop_stage = 2

@@ -51,6 +51,7 @@ from fedsup.engine.messages import StateRef
 from fedsup.engine.records import ErrorInfo, TaskRecord
 from fedsup.engine.rundir import LOCK_FILE, lock_run_dir, read_record_lines, read_records, write_atomic, write_json
 from fedsup.engine.scheduler import Job
+from fedsup.engine.spawning import refuse_reentry
 from fedsup.engine.states import TaskStatus
 from fedsup.engine.supervisor import Session, Supervisor
 from fedsup.engine.task import Task
@@ -372,7 +373,8 @@ class Federation:
             # Read with the same bounds as any config: the run directory is not trusted more than a config.
             stored = read_file(stored_path)
         except ConfigProblems as exc:
-            raise RunDirError(f"{stored_path}: damaged ({'; '.join(exc.problems)})") from exc
+            causes = [problem.removeprefix(f"{stored_path}: ") for problem in exc.problems]
+            raise RunDirError(f"{stored_path}: damaged ({'; '.join(causes)})") from exc
         if not isinstance(stored, dict):
             raise RunDirError(f"{stored_path}: damaged (not a mapping of config keys)")
         changed = sorted(k for k in set(stored) | set(self.spec.config)
@@ -392,6 +394,7 @@ class Federation:
 
         Holds the run directory's lock throughout: a second run or resume of the same directory, from this
         process or another, is refused with a RunDirError naming the pid that holds it."""
+        refuse_reentry()  # before anything is written or locked: see fedsup.engine.spawning
         self._refuse_foreign(resume)
         lock = lock_run_dir(self.path)
         try:

@@ -14,7 +14,6 @@ import yaml
 
 from fedsup.engine.devices import Inventory
 from fedsup.engine.errors import ConfigError
-from fedsup.engine.spawning import refuse_reentry
 from fedsup.engine.units import format_bytes, parse_bytes
 from fedsup.federated.config import RunConfig, load_config, resolve_class, supervisor_kwargs, to_yaml
 from fedsup.federated.registry import make_strategy
@@ -71,7 +70,6 @@ def run(source: ConfigSource, *, overrides: Sequence[str] = (), resume: bool = F
     ``source`` is a YAML file, a dict of the same shape, or a RunConfig. Raises ConfigError for bad input,
     RunFailed when a round cannot reach ``min_clients``, RunInterrupted on SIGINT/SIGTERM.
     """
-    refuse_reentry()  # before the run directory is locked: see fedsup.engine.spawning
     return prepare(source, overrides, output, on_event, report).run(resume=resume)
 
 

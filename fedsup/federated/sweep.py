@@ -46,6 +46,7 @@ from fedsup.engine.errors import ConfigError, RunInterrupted
 from fedsup.engine.records import TaskRecord
 from fedsup.engine.rundir import RunDir, write_atomic
 from fedsup.engine.scheduler import Job, Scheduler
+from fedsup.engine.spawning import refuse_reentry
 from fedsup.engine.states import OUTCOMES
 from fedsup.engine.supervisor import Supervisor
 from fedsup.engine.task import Task
@@ -342,6 +343,7 @@ def run_sweep(sweep: Sweep, resume: bool = False,
               report: Callable[[Path], Path] | None = None) -> list[RunOutcome]:
     """Run every run of the sweep on one supervisor; return how each ended (also in sweep-summary.json).
     ``report`` writes a run's HTML report, for the trackers that keep it (MLflow)."""
+    refuse_reentry()  # before anything is written: see fedsup.engine.spawning
     _prepare_output(sweep, resume)
     outcomes = [RunOutcome(run) for run in sweep.runs]
     todo = [o for o in outcomes if not _finished_before(o)]

@@ -95,7 +95,9 @@ class LiveView:
         scheduler = fed.supervisor.scheduler
         head = self._head(fed)
         current = [h for h in list(scheduler.handles) if h.task_id.startswith(f"round-{fed.round}.")]
-        retries = sum(max(0, len(h.history) - 1) for h in current)
+        # attempts that went wrong and ran again; a straggler's race with its speculative copy is not one
+        retries = sum(max(0, len([a for a in h.history if a.error is None or a.error.kind != "superseded"]) - 1)
+                      for h in current)
         devices = Table("device", "reserved", "used", "training", box=None, pad_edge=False)
         inventory = scheduler.inventory
         for gpu in inventory.gpus:

@@ -277,6 +277,8 @@ def test_fork_servers_that_never_start_are_killed_and_replaced_on_their_own_budg
         serve(sock, preload, parent, warm, root)
 
     monkeypatch.setattr(launch, "server_main", hangs_the_first_time)  # forked servers inherit it
+    # the replacements must start within the same 2 s on a loaded machine: no warm-up to pay
+    monkeypatch.setattr(launch, "warm_up", lambda preload: None)
     tasks = [toys.Ok(f"task-{i}") for i in range(3)]
     supervisor = Supervisor("cpu", cpus=1, max_loaded=2, max_retries=0, tasks_per_process=1,
                             server_start_timeout=2, max_infra_failures=2)

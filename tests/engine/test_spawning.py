@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
+
+from fedsup.engine.rundir import lock_state
 
 SCRIPT = '''
 import threading
@@ -17,7 +20,7 @@ def main():
     summary = fedsup.run({{"name": "g", "seed": 1, "output": {output!r},
         "task": {{"class": "fedsup.examples.synthetic:SyntheticClient",
                  "args": {{"samples": 40, "test_samples": 20}}}},
-        "federation": {{"clients": 2, "rounds": 1}},
+        "federation": {{"clients": 3, "rounds": 1}},
         "supervisor": {{"devices": "cpu", "start_method": {method!r}}}}})
     print("status", summary["status"])
 {call}
@@ -49,6 +52,13 @@ def test_a_script_that_runs_at_import_gets_one_error_naming_it(tmp_path: Path, m
     assert done.stderr.count(message) == 1, done.stderr[-3000:]
     assert "infrastructure death" not in done.stderr and "in use by another run" not in done.stderr
     assert done.stderr.count("Traceback") == 1  # the script's own uncaught error, nothing from fedsup's processes
+    assert not lock_state(tmp_path / "run").held
+    left = []  # the spawned processes started in tmp_path (fork servers) or in its run's task folders
+    for proc in psutil.process_iter(["cwd"]):
+        if (proc.info["cwd"] or "").startswith(str(tmp_path)):
+            left.append(proc)
+            proc.kill()
+    assert not left, left
 
 
 @pytest.mark.timeout(240)

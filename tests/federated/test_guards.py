@@ -211,7 +211,7 @@ def test_a_stored_config_is_read_with_the_same_bounds_as_any_config(tmp_path: Pa
     stored.write_text("\n".join(bomb) + "\n" + stored.read_text())
     assert cli_main(["run", str(path), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert f"{stored}: damaged ({stored}: its aliases expand it by" in err and "Traceback" not in err
+    assert f"{stored}: damaged (its aliases expand it by" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- client updates against the contract

@@ -92,3 +92,6 @@ def test_sourcing_leaves_the_shell_s_own_options_and_a_failure_does_not_close_it
     done, _ = source_env(tmp_path / "failing", FAIL_WHEN="torch==", after='; echo "status $?"')
     assert "status 1" in done.stdout, (done.stdout, done.stderr)  # source failed; the shell went on
     assert "env.sh: setting up" in done.stderr
+    # sourced as a condition (bash then ignores set -e in all it runs), as scripts/example does
+    done, _ = source_env(tmp_path / "condition", FAIL_WHEN="torch==", after=' || echo "source failed"')
+    assert "source failed" in done.stdout, (done.stdout, done.stderr)

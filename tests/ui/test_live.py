@@ -30,7 +30,7 @@ def recording() -> Console:
 
 
 def handle(task_id: str, status: TaskStatus) -> SimpleNamespace:
-    return SimpleNamespace(task_id=task_id, status=status, history=[1])
+    return SimpleNamespace(task_id=task_id, status=status, history=[SimpleNamespace(error=None)])
 
 
 def fake_federation(handles: list[SimpleNamespace]) -> Any:
