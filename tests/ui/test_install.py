@@ -12,10 +12,10 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent.parent
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
-# Stands in for .venv/bin/python: torch is not importable, and pip logs its arguments, failing where
-# FAIL_WHEN is found in them (an index that cannot be reached).
+# Stands in for .venv/bin/python: torch is not importable (unless TORCH_IMPORTABLE is set), and pip logs its
+# arguments, failing where FAIL_WHEN is found in them (an index that cannot be reached).
 FAKE_PYTHON = """#!/bin/bash
-if [ "$1" = "-c" ]; then exit 1; fi
+if [ "$1" = "-c" ]; then [ -n "${TORCH_IMPORTABLE:-}" ]; exit $?; fi
 echo "$*" >> "$PIP_LOG"
 if [ -n "${FAIL_WHEN:-}" ] && [[ "$*" == *"$FAIL_WHEN"* ]]; then
     echo "ERROR: Could not find a version that satisfies the requirement torch==2.13.0" >&2
@@ -95,3 +95,8 @@ def test_sourcing_leaves_the_shell_s_own_options_and_a_failure_does_not_close_it
     # sourced as a condition (bash then ignores set -e in all it runs), as scripts/example does
     done, _ = source_env(tmp_path / "condition", FAIL_WHEN="torch==", after=' || echo "source failed"')
     assert "source failed" in done.stdout, (done.stdout, done.stderr)
+
+
+def test_a_torch_already_installed_is_kept(tmp_path: Path) -> None:
+    done, calls = source_env(tmp_path, TORCH_IMPORTABLE="1")
+    assert done.returncode == 0 and calls == [], (calls, done.stderr)  # the machine's own build stays
