@@ -199,10 +199,14 @@ class Config:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    from pathlib import Path
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    from fedsup.engine.yamlbounds import YamlBoundsError, read_bounded, safe_load_bounded
+
+    try:
+        data = safe_load_bounded(read_bounded(Path(path)).decode("utf-8"))
+    except YamlBoundsError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -9,7 +9,6 @@ its own key path. Nothing here knows the config's schema: it is handed the root 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import types
 from collections.abc import Collection, Mapping, Sequence
@@ -21,6 +20,14 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from fedsup.engine.errors import ConfigError
+from fedsup.engine.yamlbounds import Loader as _Loader
+from fedsup.engine.yamlbounds import (
+    YamlBoundsError,
+    YamlLimitError,
+    check_aliases,
+    read_bounded,
+    size_problem,
+)
 
 Loc = tuple[str | int, ...]
 
@@ -220,88 +227,13 @@ def _duplicate_keys(node: Any, loc: Loc, seen_nodes: set[int]) -> list[str]:
     return lines
 
 
-# -- bounds: a config is data from anywhere, so reading it must not cost more than its size suggests
-
-MAX_BYTES_VARIABLE = "FEDSUP_YAML_MAX_BYTES"
-MAX_ALIAS_VALUES_VARIABLE = "FEDSUP_YAML_MAX_ALIAS_VALUES"
-DEFAULT_MAX_BYTES = 2**20  # a config is a few KiB: 1 MiB leaves room and reads in about a second
-DEFAULT_MAX_ALIAS_VALUES = 100_000
-
-# libyaml's parser when PyYAML has it: it reads a large file tens of times faster than the pure-Python one
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class YamlBoundsError(ValueError):
-    """YAML that is over a limit: too large, or aliases that expand it far beyond what is written."""
-
-
-def yaml_limit(variable: str, default: int) -> int:
-    """A bound on reading YAML: ``default``, or the whole number in the environment variable ``variable``."""
-    raw = os.environ.get(variable)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ConfigProblems([f"{variable}: expected a whole number of at least 0 (got {show(raw)})"])
-    return value
-
-
-def _expanded_size(root: yaml.Node) -> tuple[int, int]:
-    """The node count of ``root`` with every alias expanded, and the count of nodes written. Each collection
-    is sized once (memoised), so this takes time in the nodes written, not in the expansion."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-    written = 0
-
-    def size(node: yaml.Node) -> int:
-        nonlocal written
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in open_nodes:
-            raise YamlBoundsError("a value contains itself through an alias (a recursive structure)")
-        open_nodes.add(key)
-        children = node.value if isinstance(node, yaml.SequenceNode) else [p for pair in node.value for p in pair]
-        written += len(children)  # the node itself was counted by its parent, the root below
-        total = 1
-        for child in children:  # scalars are most nodes: counted here rather than in a call each
-            total += 1 if isinstance(child, yaml.ScalarNode) else size(child)
-        open_nodes.discard(key)
-        sizes[key] = total
-        return total
-
-    if isinstance(root, yaml.ScalarNode):
-        return 1, 1
-    total = size(root)
-    return total, written + 1
-
-
-def _check_aliases(node: yaml.Node) -> None:
-    limit = yaml_limit(MAX_ALIAS_VALUES_VARIABLE, DEFAULT_MAX_ALIAS_VALUES)
-    expanded, written = _expanded_size(node)
-    if expanded - written > limit:
-        extra = expanded - written
-        raise YamlBoundsError(f"its aliases expand it by {extra:,} value{'s' if extra != 1 else ''}, more than "
-                              f"the limit of {limit:,} (set {MAX_ALIAS_VALUES_VARIABLE} to raise it)")
-
-
-def _size_problem(size: int) -> str | None:
-    limit = yaml_limit(MAX_BYTES_VARIABLE, DEFAULT_MAX_BYTES)
-    if size > limit:
-        return f"more than the limit of {limit:,} bytes of YAML (set {MAX_BYTES_VARIABLE} to raise it)"
-    return None
-
-
 def load_yaml(text: str) -> tuple[Any, list[str]]:
     """The data in ``text`` (as yaml.safe_load reads it) and a line per key written twice, parsed once.
 
     Raises YamlBoundsError where ``text`` is over the size limit or its aliases expand it by more values
     than the limit, before anything is expanded; yaml.YAMLError where it is not YAML.
     """
-    problem = _size_problem(len(text))
+    problem = size_problem(len(text))
     if problem:
         raise YamlBoundsError(problem)
     loader = _Loader(text)
@@ -309,7 +241,7 @@ def load_yaml(text: str) -> tuple[Any, list[str]]:
         node = loader.get_single_node()
         if node is None:
             return None, []
-        _check_aliases(node)
+        check_aliases(node)
         duplicates = _duplicate_keys(node, (), set())  # before constructing: merge keys rewrite the nodes
         return loader.construct_document(node), duplicates
     finally:
@@ -323,6 +255,8 @@ def parse_yaml(text: str, origin: str) -> Any:
         raise ConfigProblems([_yaml_problem(exc, origin)], origin) from None
     except YamlBoundsError as exc:
         raise ConfigProblems([f"{origin}: {exc}"], origin) from None
+    except YamlLimitError as exc:
+        raise ConfigProblems([str(exc)]) from None
     except RecursionError:
         raise ConfigProblems([f"{origin}: the YAML is nested too deeply"], origin) from None
     if duplicates:
@@ -330,28 +264,21 @@ def parse_yaml(text: str, origin: str) -> Any:
     return data
 
 
-def _read_bounded(path: Path) -> bytes:
-    """The file's bytes, no more than one past the size limit (a FIFO or /dev/zero has no size to check)."""
-    limit = yaml_limit(MAX_BYTES_VARIABLE, DEFAULT_MAX_BYTES)
-    with path.open("rb") as file:
-        return file.read(limit + 1)
-
-
 def read_file(path: Path) -> Any:
     origin = str(path)
     try:
-        raw = _read_bounded(path)
+        raw = read_bounded(path)
     except FileNotFoundError:
         raise ConfigProblems([f"{origin}: no such config file"], origin) from None
     except IsADirectoryError:
         raise ConfigProblems([f"{origin}: is a directory, not a config file"], origin) from None
     except OSError as exc:
         raise ConfigProblems([f"{origin}: cannot be read ({exc.strerror})"], origin) from None
-    except ConfigError:
-        raise
+    except YamlLimitError as exc:  # a ValueError too: before the next clause
+        raise ConfigProblems([str(exc)]) from None
     except ValueError as exc:  # a path with a NUL byte in it
         raise ConfigProblems([f"{origin!r}: cannot be read ({exc})"], origin) from None
-    problem = _size_problem(len(raw))
+    problem = size_problem(len(raw))
     if problem:
         raise ConfigProblems([f"{origin}: {problem}"], origin)
     try:

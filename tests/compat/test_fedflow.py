@@ -175,6 +175,16 @@ def test_bad_values_name_their_key() -> None:
         fedflow.supervisor_options()
 
 
+def test_a_config_file_is_read_with_fedsup_s_yaml_bounds(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    # eight levels of ten aliases: a few hundred bytes that yaml.safe_load would expand to over 10**8 values
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(fedsup.ConfigError, match=r"config\.yaml: its aliases expand it by 1,234,567,800 values"):
+        Config.load(str(path))
+
+
 def test_config_keys_map_onto_supervisor_options(caplog: pytest.LogCaptureFixture) -> None:
     Config.set_config({
         "scheduler": {"max-process": 4, "load-nretry": 2, "train-nretry": 3, "interval": 1, "max-waiting": 10},
