@@ -6,6 +6,8 @@ before anything is expanded; both can be raised through environment variables.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +99,25 @@ def read_bounded(path: Path) -> bytes:
         return file.read(limit + 1)
 
 
-def safe_load_bounded(text: str) -> Any:
-    """``yaml.safe_load(text)`` within the bounds: YamlBoundsError where ``text`` is over a limit."""
+@contextmanager
+def parsed(text: str) -> Iterator[tuple[Any, yaml.Node | None]]:
+    """The loader and the document's node (None for an empty one), within the bounds: YamlBoundsError where
+    ``text`` is over the size limit or its aliases add more values than the limit, before anything is
+    expanded; yaml.YAMLError where it is not YAML."""
     problem = size_problem(len(text))
     if problem:
         raise YamlBoundsError(problem)
     loader = Loader(text)
     try:
         node = loader.get_single_node()
-        if node is None:
-            return None
-        check_aliases(node)
-        return loader.construct_document(node)
+        if node is not None:
+            check_aliases(node)
+        yield loader, node
     finally:
         loader.dispose()
+
+
+def safe_load_bounded(text: str) -> Any:
+    """``yaml.safe_load(text)`` within the bounds (see ``parsed``)."""
+    with parsed(text) as (loader, node):
+        return None if node is None else loader.construct_document(node)

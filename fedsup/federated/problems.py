@@ -20,14 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from fedsup.engine.errors import ConfigError
-from fedsup.engine.yamlbounds import Loader as _Loader
-from fedsup.engine.yamlbounds import (
-    YamlBoundsError,
-    YamlLimitError,
-    check_aliases,
-    read_bounded,
-    size_problem,
-)
+from fedsup.engine.yamlbounds import YamlBoundsError, YamlLimitError, parsed, read_bounded, size_problem
 
 Loc = tuple[str | int, ...]
 
@@ -233,19 +226,11 @@ def load_yaml(text: str) -> tuple[Any, list[str]]:
     Raises YamlBoundsError where ``text`` is over the size limit or its aliases expand it by more values
     than the limit, before anything is expanded; yaml.YAMLError where it is not YAML.
     """
-    problem = size_problem(len(text))
-    if problem:
-        raise YamlBoundsError(problem)
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
+    with parsed(text) as (loader, node):
         if node is None:
             return None, []
-        check_aliases(node)
         duplicates = _duplicate_keys(node, (), set())  # before constructing: merge keys rewrite the nodes
         return loader.construct_document(node), duplicates
-    finally:
-        loader.dispose()
 
 
 def parse_yaml(text: str, origin: str) -> Any:

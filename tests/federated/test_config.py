@@ -479,12 +479,13 @@ def test_a_large_legal_file_is_read_in_one_parse(tmp_path: Path) -> None:
     path = write(tmp_path, yaml.safe_dump({k: v for k, v in VALID.items() if k != "task"})
                  + f"task:\n  class: {VALID['task']['class']}\n  args: {{weights: [{values}]}}\n")
     assert 900_000 < path.stat().st_size < 2**20
+    from fedsup.engine import yamlbounds
     from fedsup.federated import problems as problems_module
 
     calls: list[int] = []
-    real = problems_module._Loader.get_single_node
+    real = yamlbounds.Loader.get_single_node
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(problems_module._Loader, "get_single_node", lambda self: calls.append(1) or real(self))
+    monkey.setattr(yamlbounds.Loader, "get_single_node", lambda self: calls.append(1) or real(self))
     try:
         data = problems_module.read_file(path)
     finally:
