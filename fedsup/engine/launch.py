@@ -54,7 +54,7 @@ from fedsup.engine.containment import (
 from fedsup.engine.devices import cpu_cores
 from fedsup.engine.errors import FedsupError
 from fedsup.engine.forking import prepare_to_fork
-from fedsup.engine.spawning import REENTERED, reentry_error, spawning, started
+from fedsup.engine.spawning import REENTERED, SPAWNING, reentry_error, started
 from fedsup.engine.worker import ChildSpec, child_main, die_with_parent, find_threadpools
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,15 @@ def _spawn_guarded() -> AbstractContextManager[None]:
     return environment(**{_USER_NVML_CHECK: os.environ.get(NVML_CUDA_CHECK) or "", NVML_CUDA_CHECK: "1"})
 
 
+def _marked_spawning() -> AbstractContextManager[None]:
+    """While a process is started with spawn: the mark a run started in it at import finds (see
+    fedsup.engine.spawning). It sets ``os.environ`` in a process that may run other threads (one reason to
+    spawn at all), as ``_spawn_guarded`` does: a C library reading the environment at that instant is the
+    known, rare hazard of setenv; a process another thread starts in the window inherits the mark too, which
+    matters only to a run started in there at import, the case it is for."""
+    return environment(**{SPAWNING: "1"})
+
+
 def restore_cuda_check() -> None:
     """In a task process just forked: the user's own setting of the variable, or none."""
     if _user_nvml_check is None:
@@ -311,7 +320,7 @@ class SpawnLauncher:
         spec = replace(spec, cgroup=self._cgroups.folder() if self._cgroups else None)
         parent_conn, child_conn = mp.Pipe(duplex=True)
         process = self._ctx.Process(target=child_main, args=(child_conn, spec), name=f"fedsup:{spec.task_id}")
-        with spawning("a task process"):
+        with _marked_spawning():
             process.start()
         child_conn.close()
         child = SpawnChild(process, parent_conn, self)
@@ -489,7 +498,7 @@ class ForkServerLauncher:
             process = mp.get_context("spawn").Process(
                 target=server_main, args=(theirs, ["torch", *self._preload], parent, warm, root),
                 name="fedsup-forkserver")
-            with _spawn_guarded(), spawning("fedsup's fork server"):
+            with _spawn_guarded(), _marked_spawning():
                 process.start()
             assert process.pid is not None
             pid = process.pid
@@ -699,10 +708,9 @@ class ForkServerLauncher:
                      cause: str | None = None) -> list[tuple[ServerChild, ExitInfo]]:
         """A server died: its children died with it (PDEATHSIG). Report them all as lost with it."""
         reentered = cause is None and self._reentered(server)
-        if not reentered:
-            self.deaths += 1
         children = [*server.starting.values(), *server.by_pid.values()]
-        if not reentered:
+        if not reentered:  # not an infrastructure death: the run ends (see below)
+            self.deaths += 1
             log.warning("a fork server (pid %d) was lost, with %d task process(es): infrastructure death %d of the "
                         "run", server.pid, len(children), self.deaths)
         lost = ExitInfo(None, signal.SIGKILL, infrastructure=self.deaths,

@@ -105,6 +105,12 @@ class AttemptRecord(_Record):
     error: ErrorInfo | None = None
 
 
+def superseded(history: list[AttemptRecord]) -> int:
+    """The attempts that lost a straggler's race with its speculative copy: not retries, though they count
+    among a task's attempts (the loser is kept in the history with the error kind ``superseded``)."""
+    return sum(1 for a in history if a.error is not None and a.error.kind == "superseded")
+
+
 def to_jsonable(value: Any) -> Any:
     """Results are user data: keep what JSON can hold, describe the rest (tensors by shape and dtype)."""
     if value is None or isinstance(value, (bool, int, str)):
@@ -165,10 +171,8 @@ class TaskRecord(_Record):
 
     @property
     def retried(self) -> bool:
-        """Whether an attempt went wrong and the task ran again; a straggler's race with its speculative
-        copy is not a retry (the loser's attempt is kept in the history as ``superseded``)."""
-        superseded = sum(1 for a in self.history if a.error is not None and a.error.kind == "superseded")
-        return self.attempts - superseded > 1
+        """Whether an attempt went wrong and the task ran again (see ``superseded``)."""
+        return self.attempts - superseded(self.history) > 1
 
     def raise_for_status(self) -> None:
         """Raise TaskFailed (with the child's traceback as its cause) unless the task finished."""

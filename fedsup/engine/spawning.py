@@ -13,37 +13,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from fedsup.engine.errors import ConfigError
 
-SPAWNING = "FEDSUP_SPAWNING"  # set while fedsup starts a process with spawn: what that process is
+SPAWNING = "FEDSUP_SPAWNING"  # set ("1") while fedsup starts a process with spawn
 REENTERED = 86                # the exit status of a spawned process whose main-module import started a run
 
 
 class MainModuleReentry(ConfigError):
     """The script that started the run starts it again when imported, as spawn imports it."""
-
-
-@contextmanager
-def spawning(what: str) -> Iterator[None]:
-    """Mark the environment while a process is started with spawn (it keeps the mark until its own code
-    runs and drops it: see ``started``).
-
-    This sets ``os.environ`` in a process that may run other threads (one reason to spawn at all), as
-    ``_spawn_guarded`` does for the CUDA check: a C library reading the environment at that instant is the
-    known, rare hazard of setenv. A process another thread starts in the window inherits the mark too;
-    it matters only to a run started in there while it imports the main module, which is the point."""
-    before = os.environ.get(SPAWNING)
-    os.environ[SPAWNING] = what
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(SPAWNING, None)
-        else:
-            os.environ[SPAWNING] = before
 
 
 def started() -> None:

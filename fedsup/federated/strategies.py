@@ -342,16 +342,14 @@ def weighted_totals(
     assert ordered  # checked() rejects an empty round
     buffers = torch.empty((2, min(reference.numel(), BLOCK_ELEMENTS)), dtype=torch.float64, device=reference.device)
     values = [update.state[key] for update in ordered]
-    flats = [x.reshape(-1) if x.dim() <= 1 or x.is_contiguous() else None for x in values]  # views, no copies
     # A float32 (or narrower) value times an integer below 2**29 fits float64's 53 bits exactly, so
     # add_(x, alpha=n), fused or not, rounds once, as x * n then + total does.
     fused = all(x.dtype in _EXACT_PRODUCT_DTYPES and u.num_examples < 2**29
                 for x, u in zip(values, ordered, strict=True))
     for start, stop in spans(reference.numel(), BLOCK_ELEMENTS):
         total, work = buffers[0, : stop - start], buffers[1, : stop - start]
-        for index, (update, value, flat) in enumerate(zip(ordered, values, flats, strict=True)):
-            # copy_ converts (and moves) the client's block.
-            work.copy_(flat[start:stop] if flat is not None else flat_piece(value, start, stop))
+        for index, (update, value) in enumerate(zip(ordered, values, strict=True)):
+            work.copy_(flat_piece(value, start, stop))  # converts (and moves) the client's block
             if index == 0:
                 total.copy_(work).mul_(update.num_examples)
             elif fused:
@@ -421,4 +419,3 @@ def weighted_metrics(updates: Sequence[tuple[int, dict[str, Any]]]) -> dict[str,
             counts.setdefault(key, []).append(int(n))
     # fsum rounds once, so the mean does not depend on the order the clients are listed in.
     return {key: math.fsum(sums[key]) / sum(counts[key]) for key in sorted(sums)}
-

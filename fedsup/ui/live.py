@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from fedsup.engine.records import superseded
 from fedsup.engine.states import TaskStatus
 from fedsup.engine.units import format_bytes
 from fedsup.federated.rounds import Federation
@@ -95,9 +96,7 @@ class LiveView:
         scheduler = fed.supervisor.scheduler
         head = self._head(fed)
         current = [h for h in list(scheduler.handles) if h.task_id.startswith(f"round-{fed.round}.")]
-        # attempts that went wrong and ran again; a straggler's race with its speculative copy is not one
-        retries = sum(max(0, len([a for a in h.history if a.error is None or a.error.kind != "superseded"]) - 1)
-                      for h in current)
+        retries = sum(max(0, len(h.history) - superseded(h.history) - 1) for h in current)
         devices = Table("device", "reserved", "used", "training", box=None, pad_edge=False)
         inventory = scheduler.inventory
         for gpu in inventory.gpus:
