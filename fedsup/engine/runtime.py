@@ -122,16 +122,17 @@ class ProcessRuntime:
         return error
 
     def wait(self, children: Iterable[Child], timeout: float | None) -> list[Event]:
+        events: list[Event] = []
+        # first: these exits close their children's pipes, which must then not be waited on
+        for lost, info in self.launcher.pending_exits():
+            events.extend(self._finish(lost, info))
         owners: dict[Any, Child] = {}
         for child in children:
-            if id(child) not in self._closed:
+            if id(child) not in self._closed and not child.conn.closed:
                 owners[child.conn] = child
             sentinel = child.sentinel()
             if sentinel is not None and child.exit is None:
                 owners[sentinel] = child
-        events: list[Event] = []
-        for child, info in self.launcher.pending_exits():
-            events.extend(self._finish(child, info))
         server = self.launcher.waitables()
         due = self.launcher.next_deadline()  # a fork server's answer: one missed means it is killed
         if due is not None:

@@ -33,6 +33,8 @@ import fedsup
 from fedsup import Supervisor, TaskStatus
 from fedsup.engine import launch
 from fedsup.engine.containment import Cgroups, _own_cgroup
+from fedsup.engine.runtime import Exited, ProcessRuntime
+from fedsup.engine.worker import ChildSpec
 
 S = TaskStatus
 HERE = Path(__file__).resolve().parent
@@ -428,3 +430,43 @@ def test_sighup_interrupts_a_run_unless_it_is_ignored_as_under_nohup() -> None:
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert record.status is S.FINISHED
+
+
+# ---------------------------------------------------------------- a spawn that finds its fork server dead
+
+
+def _pidfd_wait(pid: int, timeout: float) -> None:
+    fd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"process {pid} still alive after {timeout} s"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(120)
+def test_children_lost_with_a_server_found_dead_at_spawn_are_reported_not_waited_on() -> None:
+    """A spawn that finds its fork servers dead (killed from outside since the last wait) reports their
+    children lost; the next wait must hand back those exits and never wait on the pipes it has just closed
+    ("handle is closed", which once ended a run under chaos)."""
+    launcher = launch.ForkServerLauncher()
+    runtime = ProcessRuntime(launcher)
+    launcher.start([])
+    try:
+        while not (launcher._warm is not None and launcher._warm.ready):  # then the warm server takes both
+            runtime.wait([], timeout=60)
+        first = runtime.spawn(ChildSpec("first"))
+        assert first.server is launcher._warm
+        os.kill(first.server.pid, signal.SIGKILL)
+        _pidfd_wait(first.server.pid, timeout=30)
+        second = runtime.spawn(ChildSpec("second"))
+        events = runtime.wait([first, second], timeout=30)
+        assert [(e.child, e.exit.cause) for e in events if isinstance(e, Exited)] == [
+            (first, "the fork server died, and its task processes with it")]
+        runtime.kill(second, signal.SIGKILL)
+        while not any(isinstance(e, Exited) for e in runtime.wait([second], timeout=30)):
+            pass
+    finally:
+        launcher.close()
+        runtime.close()
+    assert launcher.deaths == 1 and launcher.restarts == 1
