@@ -23,8 +23,8 @@ class Load:
 
 @dataclass(frozen=True)
 class StateRef:
-    """A model state saved with ``torch.save`` at ``path`` (under /dev/shm where there is one): read with
-    ``torch.load(mmap=True)``, so every reader shares the one copy in memory."""
+    """A model state saved at ``path`` (under /dev/shm where there is one) by ``tensorfile.write_state`` or
+    ``torch.save``: read with ``tensorfile.read_state``, memory-mapped, so every reader shares one copy."""
 
     path: str
 

@@ -263,10 +263,10 @@ class Meter:
 
 
 def load_state(ref: StateRef) -> dict[str, Any]:
-    """The global model, memory-mapped: every client of a round shares the one copy."""
-    import torch
+    """The global model (or a client's kept state), memory-mapped: every client of a round shares the one copy."""
+    from fedsup.engine import tensorfile
 
-    return torch.load(ref.path, mmap=True, weights_only=True)
+    return tensorfile.read_state(ref.path)
 
 
 def save_state(state: dict[str, Any], path: str) -> None:
@@ -322,7 +322,12 @@ def federated_result(result: Any, method: str, state_path: str | None,
     if problem is not None:
         raise ResultContractError(problem)  # a broken contract: never retried, the job fails
     if state_path is not None:
-        save_state(state, state_path)
+        if method == "train":  # an update, read once by the supervisor: fedsup's tensor file
+            from fedsup.engine import tensorfile
+
+            tensorfile.save_atomic(state, state_path)
+        else:  # the initial model is the run's first checkpoint, which people load with torch.load
+            save_state(state, state_path)
         result = {**result, "state": StateRef(state_path)}
     return result
 

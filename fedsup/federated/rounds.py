@@ -55,6 +55,7 @@ from fedsup.engine.spawning import refuse_reentry
 from fedsup.engine.states import TaskStatus
 from fedsup.engine.supervisor import Session, Supervisor
 from fedsup.engine.task import Task
+from fedsup.engine.tensorfile import TensorFileError, read_state, write_state
 from fedsup.engine.units import parse_bytes
 from fedsup.federated.client_state import ClientStates
 from fedsup.federated.heterogeneity import RoundPlan, plan_round
@@ -145,6 +146,15 @@ def save_state(state: State, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
     write_atomic(path, buffer.getvalue())
+
+
+def save_broadcast(state: State, path: Path) -> None:
+    """A state the round's task processes read (``tensorfile.read_state``), atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    write_state(state, buffer)
+    write_atomic(path, buffer.getvalue(), durable=False)
 
 
 def save_strategy_state(strategy: Strategy, path: Path) -> None:
@@ -503,7 +513,7 @@ class Federation:
         for old in shm.path.glob(f"{name}-*.pt"):
             old.unlink(missing_ok=True)
         path = shm.path / f"{name}-{round_}.pt"
-        save_state(state, path)
+        save_broadcast(state, path)
         return StateRef(str(path))
 
     def _strategy_context(self, shm: SharedMemory, round_: int, state: State | None) -> dict[str, Any]:
@@ -581,7 +591,9 @@ class Federation:
         """The update in ``path`` where it can be read and keeps the contract, else what is wrong with it:
         a damaged or missing file, or a broken contract, is never aggregated or trusted on resume."""
         try:
-            update = torch.load(path, mmap=True, weights_only=True)
+            update = read_state(path)
+        except TensorFileError as exc:
+            return None, f"{exc} (a damaged update)"
         except Exception as exc:  # noqa: BLE001 - any damage means the same: the work is not trusted
             return None, f"{path} is damaged or missing ({why_unreadable(exc)})"
         if not isinstance(update, dict):
