@@ -269,15 +269,13 @@ def load_state(ref: StateRef) -> dict[str, Any]:
     return tensorfile.read_state(ref.path)
 
 
-def save_state(state: dict[str, Any], path: str) -> None:
-    """Atomically: a reader (or a resumed run) sees the whole update or none of it. Not fsync'd here: the
-    supervisor makes the round's updates durable with one filesystem sync before it commits the round."""
-    import torch
+def save_state(state: dict[str, Any], path: str, pickled: bool = True) -> None:
+    """Atomically: a reader (or a resumed run) sees the whole file or none of it. Not fsync'd here: the
+    supervisor makes the round's files durable with one filesystem sync before it commits the round.
+    ``pickled``: a ``torch.save`` file (what people load themselves), else fedsup's tensor file."""
+    from fedsup.engine import tensorfile
 
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, f)
-    os.replace(tmp, path)
+    tensorfile.save_atomic(state, path, pickled=pickled)
 
 
 def seed_everything(seed: int, cuda: bool) -> None:
@@ -322,12 +320,9 @@ def federated_result(result: Any, method: str, state_path: str | None,
     if problem is not None:
         raise ResultContractError(problem)  # a broken contract: never retried, the job fails
     if state_path is not None:
-        if method == "train":  # an update, read once by the supervisor: fedsup's tensor file
-            from fedsup.engine import tensorfile
-
-            tensorfile.save_atomic(state, state_path)
-        else:  # the initial model is the run's first checkpoint, which people load with torch.load
-            save_state(state, state_path)
+        # an update, read once by the supervisor, is a tensor file; the initial model is the run's first
+        # checkpoint, which people load with torch.load
+        save_state(state, state_path, pickled=method != "train")
         result = {**result, "state": StateRef(state_path)}
     return result
 
