@@ -627,3 +627,14 @@ class OutgrowsCgroup(fedsup.Task):
             for i in range(0, self.size, 4096):  # touch every page: charged to the cgroup
                 hog[i] = 1
         return _base(self, device)
+
+
+class Warmed(fedsup.Task):
+    """Reports whether its process found the optimiser machinery imported already (by a fork server's
+    warm-up) when it loaded, and the fork server it came from."""
+
+    def load(self) -> None:
+        self.warmed = "torch._dynamo" in sys.modules
+
+    def train(self, device: str) -> dict[str, Any]:
+        return {**_base(self, device), "warmed": self.warmed}

@@ -482,7 +482,11 @@ class ForkServerLauncher:
         reason = self.fork_is_safe()
         if reason is not None:
             log.info("starting the fork server with spawn: %s", reason)
-        self._cold = self._start_server(warm=False, spawn_reason=reason)
+        # A forked cold server costs nothing and serves at once. Started with spawn, it would import torch a
+        # second time, and each of its children would pay the optimiser's first import that the warm-up pays
+        # once (1-2 s of a core each): on a node of one or two cores, a Ray agent's, the first steps came
+        # seconds later than they do with the warm server alone.
+        self._cold = self._start_server(warm=False, spawn_reason=reason) if reason is None else None
         self._warm = self._start_server(warm=True, spawn_reason=reason)
 
     def _start_server(self, warm: bool, spawn_reason: str | None) -> _Server:
@@ -682,18 +686,22 @@ class ForkServerLauncher:
             exited.append((found, found.exit))
 
     def _forgo(self, server: _Server, state: str, problem: str) -> bool:
-        """A server whose start initialised CUDA. A warm one has forked nothing yet: it is stopped and the cold
-        one serves in its place, for the rest of the run (True). Otherwise there is nothing better to fork
+        """A server whose start initialised CUDA. A warm one has forked nothing yet: it is stopped and a cold
+        one serves in its place, for the rest of the run (True): the cold server already running, or, where
+        the servers are spawned (and so none runs), a new one. Otherwise there is nothing better to fork
         from: it serves, and the log says why CUDA tasks fail (False)."""
         cold = self._cold
-        if (state == "ready" and server is self._warm and cold is not None and not cold.retiring
-                and not cold.broken and server.holds() == 0):
-            log.warning("%s: task processes come from the cold fork server instead (torch not warmed)", problem)
+        usable = cold is not None and not cold.retiring and not cold.broken
+        if (state == "ready" and server is self._warm and server.holds() == 0
+                and (usable or (cold is None and server.spawn_reason is not None))):
+            log.warning("%s: task processes come from a cold fork server instead (torch not warmed)", problem)
             try:
                 server.sock.send(pickle.dumps(("stop",)))
             except OSError:
                 pass  # it died meanwhile: reaped all the same
             self._reap_server(server)
+            if cold is None:
+                cold = self._start_server(warm=False, spawn_reason=server.spawn_reason)
             cold.ready = True
             self._warm, self._cold = cold, None
             self.no_warm = True  # a server started later (after a death) is a cold one too

@@ -415,6 +415,33 @@ def test_a_process_that_cannot_fork_for_cuda_starts_its_fork_servers_with_spawn(
     assert any("with spawn" in m and "CUDA driver" in m for m in caplog.messages), caplog.messages
 
 
+def test_servers_started_with_spawn_are_one_warm_server_whose_children_inherit_its_warm_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spawned cold server would import torch again, and each of its children would import the optimiser
+    # machinery itself: with spawn, every task process comes warmed from the one server.
+    monkeypatch.setattr(launch, "cuda_initialised_here", lambda: True)
+    tasks = [toys.Warmed(f"w{i}") for i in range(cpu_cores() + 1)]
+    records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
+    assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
+    assert len({r.result["ppid"] for r in records}) == 1, "every task from one server"
+    assert all(r.result["warmed"] for r in records), [r.result for r in records]
+
+
+def test_a_spawned_warm_server_whose_warm_up_initialised_cuda_gives_way_to_a_cold_one(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import warmup_cuda_toy
+
+    monkeypatch.setattr(launch, "cuda_initialised_here", lambda: True)
+    monkeypatch.setenv(warmup_cuda_toy.WARMUP_CUDA, str(os.getpid()))
+    caplog.set_level(logging.WARNING, logger="fedsup.engine.launch")
+    tasks = [warmup_cuda_toy.Reports(f"r{i}") for i in range(3)]
+    records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
+    assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
+    assert len({r.result["ppid"] for r in records}) == 1, "every task from the cold server"
+    assert not any(r.result["warmed"] for r in records), "a task came from the warm server"
+    assert any("from a cold fork server instead" in m for m in caplog.messages), caplog.messages
+
+
 def test_a_warm_server_whose_warm_up_initialised_cuda_is_stopped_and_the_cold_one_serves(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # The servers are forked from this process, so they carry these stand-ins: only the warm server, once
@@ -433,7 +460,7 @@ def test_a_warm_server_whose_warm_up_initialised_cuda_is_stopped_and_the_cold_on
     records = Supervisor("cpu", max_retries=0, max_loaded=len(tasks), tasks_per_process=1).run(tasks)
     assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
     assert len({r.result["ppid"] for r in records}) == 1, "every task from the cold server"
-    assert any("from the cold fork server instead" in m for m in caplog.messages), caplog.messages
+    assert any("from a cold fork server instead" in m for m in caplog.messages), caplog.messages
 
 
 @pytest.mark.timeout(120)
