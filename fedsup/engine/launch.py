@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
@@ -221,6 +222,25 @@ def _marked_spawning() -> AbstractContextManager[None]:
     known, rare hazard of setenv; a process another thread starts in the window inherits the mark too, which
     matters only to a run started in there at import, the case it is for."""
     return environment(**{SPAWNING: "1"})
+
+
+_RAY_WORKER_MAIN = os.path.join("ray", "_private", "workers", "default_worker.py")
+
+
+@contextmanager
+def _main_left_out() -> Iterator[None]:
+    """While a fork server is spawned from a Ray worker (a node agent): a bare ``__main__``. Spawn runs the
+    parent's main script again in the new process, for the classes pickled from it; Ray's worker script
+    defines no task, and running it costs the server a third of a second of Ray's imports."""
+    main = sys.modules.get("__main__")
+    if not str(getattr(main, "__file__", "")).endswith(_RAY_WORKER_MAIN):
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main  # type: ignore[assignment]
 
 
 def restore_cuda_check() -> None:
@@ -509,7 +529,7 @@ class ForkServerLauncher:
             process = mp.get_context("spawn").Process(
                 target=server_main, args=(theirs, ["torch", *self._preload], parent, warm, root),
                 name="fedsup-forkserver")
-            with _spawn_guarded(), _marked_spawning():
+            with _spawn_guarded(), _marked_spawning(), _main_left_out():
                 process.start()
             assert process.pid is not None
             pid = process.pid

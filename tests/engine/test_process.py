@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -425,6 +426,24 @@ def test_servers_started_with_spawn_are_one_warm_server_whose_children_inherit_i
     assert all(r.status is TaskStatus.FINISHED for r in records), [r.error for r in records]
     assert len({r.result["ppid"] for r in records}) == 1, "every task from one server"
     assert all(r.result["warmed"] for r in records), [r.result for r in records]
+
+
+@pytest.mark.parametrize(("where", "runs"), [("ray/_private/workers", False), ("scripts", True)])
+def test_a_spawned_server_runs_the_main_script_again_unless_it_is_a_ray_worker_s(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str, runs: bool) -> None:
+    # Spawn runs the parent's main script again for the classes pickled from it; a Ray worker's defines none.
+    script = tmp_path / where / "default_worker.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import os\nopen(os.environ['MAIN_RAN'], 'w').close()\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setenv("MAIN_RAN", str(tmp_path / "ran"))
+    monkeypatch.setattr(launch, "cuda_initialised_here", lambda: True)
+    record = Supervisor("cpu", max_retries=0).run([toys.Ok("ok")])[0]
+    assert record.status is TaskStatus.FINISHED, record.error
+    assert (tmp_path / "ran").exists() is runs
+    assert sys.modules["__main__"] is main
 
 
 def test_a_spawned_warm_server_whose_warm_up_initialised_cuda_gives_way_to_a_cold_one(
