@@ -155,6 +155,7 @@ class NodeAgent:
         self._capacity: dict[str, Any] = {}
         self._runtime: _Nudgeable | None = None
         self._ready = threading.Event()
+        self._serving = threading.Event()  # the engine can start a process now (or has ended)
         self._files_lock = threading.Lock()
         self._mapped: dict[str, tuple[str, Path]] = {}  # slot -> (key, local file) of shipped inputs
         self._users: dict[Path, int] = {}                # local file -> jobs here that read it
@@ -167,8 +168,10 @@ class NodeAgent:
     # ------------------------------------------------------------ what the driver calls
 
     def info(self, timeout: float = 300.0) -> dict[str, Any]:
-        """The node as this agent sees it, once its engine has started: name, pid, cores, GPUs, job slots."""
-        self._ready.wait(timeout)
+        """The node as this agent sees it, once its engine can start a job (its fork server is warm): name,
+        pid, cores, GPUs, job slots. A job given earlier would only wait there, while another node might
+        have run it."""
+        self._serving.wait(timeout)
         inventory = self.supervisor.inventory
         return {"name": self.name, "pid": os.getpid(), "host": os.uname().nodename, "cores": inventory.cpu.cores,
                 "slots": self.supervisor.policy.max_loaded, "gpus": _gpus(inventory),
@@ -321,6 +324,7 @@ class NodeAgent:
             self._failure = f"{type(exc).__name__}: {exc}"
         finally:
             self._ready.set()
+            self._serving.set()
             with self._lock:
                 self._finished = True
                 self._lock.notify_all()
@@ -339,6 +343,8 @@ class NodeAgent:
             tracked = self._collect(scheduler, tracked)
             if closing and not scheduler.outstanding:
                 return
+            if not self._serving.is_set() and scheduler.runtime.can_spawn(False):
+                self._serving.set()
             scheduler.step()
 
     def _submit(self, scheduler: Scheduler, pending: _Pending) -> None:

@@ -49,6 +49,7 @@ NODE_RETRIES = 3          # times a job may lose its node before it fails: a bud
 AGENT_START_TIMEOUT = 300.0  # seconds for an agent to start its engine: a deadlock detector
 CLOSE_TIMEOUT = 60.0      # beyond the grace period, for the agents to let their processes go
 CONNECT_TIMEOUT = 3.0     # seconds to reach a cluster's address before it is called unreachable
+NODE_SCAN_INTERVAL = 2.0  # seconds between looks for nodes that joined (a look costs the GCS ~0.2 ms)
 
 
 # ---------------------------------------------------------------- connecting
@@ -172,6 +173,14 @@ class _Job:
 
 
 @dataclass(eq=False)
+class _Starting:
+    node: dict[str, Any]
+    name: str
+    actor: Any
+    deadline: float  # time.monotonic() by which it must have reported ready
+
+
+@dataclass(eq=False)
 class _Agent:
     name: str
     node_id: str
@@ -266,6 +275,8 @@ class Driver:
         self.preload = _representatives(tasks)
         self.agents: dict[str, _Agent] = {}
         self.gone: set[str] = set()           # node ids whose agent was lost: never given work again
+        self.starting: dict[Any, _Starting] = {}  # agents not ready yet, by the ref of their info()
+        self.next_scan = 0.0                  # time.monotonic() at which to look for nodes that joined
         self.home: dict[str, str] = {}        # client -> the node holding its loaded process
         self.queue: deque[_Job] = deque()
         self.shipped: dict[tuple[str, int, int], Shipped] = {}
@@ -281,21 +292,23 @@ class Driver:
 
     def start(self) -> None:
         self.join_nodes()
+        self._await_agents(AGENT_START_TIMEOUT)
         if not self.agents:
             raise RunFailed("the Ray cluster has no node with a CPU to run tasks on")
 
     def join_nodes(self) -> None:
-        """Start an agent on every live node that has none (nodes that joined since are given work too)."""
+        """Start an agent on every live node that has none. Each is given work once it reports ready (its
+        fork server can start a job), which the loop learns beside the jobs' news: a node that joins mid-run
+        never holds up the others' outcomes."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        known = {a.node_id for a in self.agents.values()} | self.gone
+        starting = {s.node["NodeID"] for s in self.starting.values()}
+        self.next_scan = time.monotonic() + NODE_SCAN_INTERVAL
+        known = {a.node_id for a in self.agents.values()} | self.gone | starting
         fresh = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in known
                  and n.get("Resources", {}).get("CPU", 0) >= 1]
-        if not fresh:
-            return
         remote: Any = ray.remote(NodeAgent)
-        started = []
         for node in fresh:
             resources = node["Resources"]
             cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
@@ -304,25 +317,49 @@ class Driver:
                 num_cpus=cpus, num_gpus=gpus, max_concurrency=8, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
             ).remote(name, self.options, cpus, self.preload, self.me)
-            started.append((node, name, actor, actor.info.remote()))
-        ready, _ = ray.wait([ref for *_, ref in started], num_returns=len(started), timeout=AGENT_START_TIMEOUT)
-        for node, name, actor, ref in started:
+            self.starting[actor.info.remote()] = _Starting(node, name, actor, time.monotonic() + AGENT_START_TIMEOUT)
+
+    def _await_agents(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for every agent starting to report ready (or fail)."""
+        import ray
+
+        if self.starting:
+            ray.wait(list(self.starting), num_returns=len(self.starting), timeout=timeout)
+        self._check_starting()
+
+    def _check_starting(self) -> None:
+        """Register the agents that reported ready, give up on those past their deadline."""
+        import ray
+
+        if not self.starting:
+            return
+        done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        now = time.monotonic()
+        for ref in [*done, *(r for r, s in self.starting.items() if s.deadline <= now and r not in done)]:
+            starting = self.starting.pop(ref)
             try:
-                info = ray.get(ref) if ref in ready else None
+                info = ray.get(ref) if ref in done else None
             except ray.exceptions.RayError as exc:
                 info = {"failure": _first_line(exc)}
-            if info is None or info.get("failure"):
-                why = info["failure"] if info else f"it did not start in {AGENT_START_TIMEOUT:g} s"
-                log.warning("node %s is not used: its agent failed (%s)", name, why)
-                ray.kill(actor)
-                continue
-            agent = _Agent(name, node["NodeID"], actor, info)
-            agent.poll = actor.poll.remote()
-            self.agents[name] = agent
-            self._event(event="node_joined", node=name, address=node.get("NodeManagerAddress"),
-                        cores=info.get("cores"), gpus=info.get("gpus"), slots=agent.slots, agent_pid=info.get("pid"))
-            log.info("node %s: %s cores, %s GPU(s), %s job slots", name, info.get("cores"),
-                     len(info.get("gpus") or []), agent.slots)
+            self._joined(starting, info)
+
+    def _joined(self, starting: _Starting, info: dict[str, Any] | None) -> None:
+        import ray
+
+        node, name, actor = starting.node, starting.name, starting.actor
+        if info is None or info.get("failure"):
+            why = info["failure"] if info else f"it did not start in {AGENT_START_TIMEOUT:g} s"
+            log.warning("node %s is not used: its agent failed (%s)", name, why)
+            self.gone.add(node["NodeID"])
+            ray.kill(actor)
+            return
+        agent = _Agent(name, node["NodeID"], actor, info)
+        agent.poll = actor.poll.remote()
+        self.agents[name] = agent
+        self._event(event="node_joined", node=name, address=node.get("NodeManagerAddress"),
+                    cores=info.get("cores"), gpus=info.get("gpus"), slots=agent.slots, agent_pid=info.get("pid"))
+        log.info("node %s: %s cores, %s GPU(s), %s job slots", name, info.get("cores"),
+                 len(info.get("gpus") or []), agent.slots)
 
     def close(self) -> None:
         """Every agent lets its processes go, parked ones too, and ends; then the actors are released."""
@@ -337,12 +374,13 @@ class Driver:
         """End every agent now; their task processes die with them (PR_SET_PDEATHSIG)."""
         import ray
 
-        for agent in self.agents.values():
+        for actor in [*(a.actor for a in self.agents.values()), *(s.actor for s in self.starting.values())]:
             try:
-                ray.kill(agent.actor)
+                ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.agents.clear()
+        self.starting.clear()
 
     def nodes(self) -> list[dict[str, Any]]:
         """What the live view shows of each node now: its jobs under way and slots, its free cores and GPUs
@@ -400,11 +438,17 @@ class Driver:
         while any(r is None for r in records):
             self._assign()
             polls = {a.poll: a for a in self.agents.values()}
-            if not polls:
+            if not polls and not self.starting:
                 raise RunFailed("every node of the Ray cluster is gone; the run stops (--resume continues it)")
-            ready, _ = ray.wait(list(polls), num_returns=1)
+            deadline = min([self.next_scan, *(s.deadline for s in self.starting.values())])
+            ready, _ = ray.wait([*polls, *self.starting], num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
             for ref in ready:
-                self._news(polls[ref], ref, records)
+                if ref in polls:
+                    self._news(polls[ref], ref, records)
+            self._check_starting()
+            if time.monotonic() >= self.next_scan:
+                self.join_nodes()
 
     def _news(self, agent: _Agent, ref: Any, records: list[TaskRecord | None]) -> None:
         import ray

@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,23 @@ def ancestor(pid: int, mark: str) -> psutil.Process:
     raise AssertionError(f"pid {pid} has no ancestor with {mark!r}")
 
 
+def until(condition: Callable[[], Any], timeout: float) -> Any:
+    """``condition()`` once it is true (what another process writes, read again every 50 ms); its last
+    value when ``timeout`` passes first: a deadlock detector."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def events(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def joined_nodes(run: Path) -> set[str]:
+    """The nodes the run's event log says joined so far (a line still being written is left for later)."""
+    lines = (run / "events.jsonl").read_text().split("\n")[:-1]
+    return {e["node"] for e in map(json.loads, lines) if e.get("event") == "node_joined"}
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +237,11 @@ def test_a_node_that_joins_mid_run_is_given_work(tmp_path: Path, cluster: LocalC
     main = start("run", str(config(tmp_path, "joined", "ray", cluster.address, hold=True)))
     held_pid(tmp_path, "joined")
     run = tmp_path / "joined"
-    before = {e["node"] for e in events(run) if e.get("event") == "node_joined"}
+    before = joined_nodes(run)
     cluster.add_node()
+    # the driver looks for new nodes every few seconds; the new agent is ready once its fork server is warm
+    joined_while_held = until(lambda: joined_nodes(run) - before, timeout=120)
+    assert joined_while_held, "the new node's agent did not report ready in 120 s"
     with open(tmp_path / "joined.go", "w") as go:  # the held job goes on
         go.write("x")
     _, err = main.communicate(timeout=400)
