@@ -724,6 +724,12 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, st
                      get("W2", "fedsup-ray", "wall"), get("W2", "fedsup", "wall"),
                      lambda ray, fed: f"{ray:.2f} s / {fed:.2f} s = {ray / fed:.2f}x",
                      lambda ray, fed: ray <= RAY_LOCAL_RATIO * fed))
+    ray_w2 = get("W2", "fedsup-ray", "wall")
+    agents = get("W2", "fedsup-ray", "agent_start")
+    out.append(judge(f"W2: the same, the agents' start apart, within {RAY_LOCAL_RATIO:g}x",
+                     None if ray_w2 is None or agents is None else ray_w2 - agents, get("W2", "fedsup", "wall"),
+                     lambda ray, fed: f"{ray:.2f} s / {fed:.2f} s = {ray / fed:.2f}x",
+                     lambda ray, fed: ray <= RAY_LOCAL_RATIO * fed))
     for w in FLOWER_WORKLOADS:
         out.append(judge(f"{w}: fedsup-ray, cluster start included, faster than Flower",
                          get(w, "fedsup-ray", "wall_with_startup"), get(w, "flower", "wall"),
