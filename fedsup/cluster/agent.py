@@ -47,6 +47,7 @@ NUDGE = 0  # a byte on the runtime's wake-up pipe that is not a signal: "new wor
 _OUTCOME_NAMES = {s.value for s in OUTCOMES}
 _ROUND_SUFFIX = re.compile(r"-\d+\.pt$")
 SCRATCH_PREFIX = "fedsup-agent-"
+EVENT_DELAY = 0.1  # seconds a state change may wait for the driver: the live view redraws at ~10 Hz
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class NodeAgent:
         self._lock = threading.Condition()
         self._inbox: list[_Pending] = []
         self._events: list[dict[str, Any]] = []
+        self._events_since = 0.0  # time.monotonic() of the oldest event not polled yet
         self._outcomes: list[Outcome] = []
         self._final: dict[str, dict[str, Any]] = {}  # task -> its outcome event, held for the outcome itself
         self._stop: int | None = None
@@ -187,10 +189,18 @@ class NodeAgent:
         self._nudge()
 
     def poll(self) -> dict[str, Any]:
-        """Block until there is news; return it: events, outcomes, the node's capacity, whether it ended."""
+        """Block until there is news; return it: events, outcomes, the node's capacity, whether it ended.
+        An outcome or the engine's end is returned at once; state changes alone wait up to ``EVENT_DELAY``
+        for company, so that a job's four or five changes cost the driver one round trip, not five."""
         with self._lock:
-            while not (self._events or self._outcomes or self._finished):
-                self._lock.wait()
+            while not (self._outcomes or self._finished):
+                if not self._events:
+                    self._lock.wait()
+                    continue
+                left = self._events_since + EVENT_DELAY - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
             events, self._events = self._events, []
             outcomes, self._outcomes = self._outcomes, []
             return {"events": events, "outcomes": outcomes, "capacity": dict(self._capacity),
@@ -301,6 +311,8 @@ class NodeAgent:
             self._final[fields["task"]] = fields  # written by the driver after the record, as the engine does
             return
         with self._lock:
+            if not self._events:
+                self._events_since = time.monotonic()
             self._events.append(fields)
             self._lock.notify_all()
 
